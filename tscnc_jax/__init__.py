@@ -1,0 +1,68 @@
+"""tscnc_jax: compact and robust neural networks in JAX.
+
+Implements TSCNC (Feng, Lin, Gao, Wei, "Lipschitz Constant Meets Condition Number: Learning Robust
+and Compact Deep Neural Networks", arXiv 2503.20454): a smooth condition-number constraint (CNC)
+and a transformed sparse constraint (TSC) for adversarially trained, heavily pruned networks.
+"""
+
+from tscnc_jax.penalties import (
+    DEFAULT_DELTA,
+    DEFAULT_TEMPERATURE,
+    condition_number_penalty,
+    transformed_sparsity_penalty,
+)
+from tscnc_jax.sparsity import (
+    clamp_log_alpha,
+    gated_tsc_penalty,
+    hard_concrete_gate,
+    hard_concrete_prob_nonzero,
+    hard_concrete_sample,
+    init_log_alpha,
+    transformed_l1,
+)
+from tscnc_jax.spectral import (
+    as_matrix,
+    condition_number,
+    log_det_condition_penalty,
+    singular_values,
+    smooth_log_condition_number,
+    tree_condition_numbers,
+)
+from tscnc_jax.transforms import (
+    AddPenaltyState,
+    add_condition_number_penalty,
+    add_transformed_sparsity_penalty,
+    tscnc,
+)
+from tscnc_jax.tree_utils import apply_masks, check_masks, is_kernel, named_leaves, path_to_str
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_DELTA",
+    "DEFAULT_TEMPERATURE",
+    "AddPenaltyState",
+    "add_condition_number_penalty",
+    "add_transformed_sparsity_penalty",
+    "apply_masks",
+    "as_matrix",
+    "check_masks",
+    "clamp_log_alpha",
+    "condition_number",
+    "condition_number_penalty",
+    "gated_tsc_penalty",
+    "hard_concrete_gate",
+    "hard_concrete_prob_nonzero",
+    "hard_concrete_sample",
+    "init_log_alpha",
+    "is_kernel",
+    "log_det_condition_penalty",
+    "named_leaves",
+    "path_to_str",
+    "singular_values",
+    "smooth_log_condition_number",
+    "tree_condition_numbers",
+    "transformed_l1",
+    "transformed_sparsity_penalty",
+    "tscnc",
+]

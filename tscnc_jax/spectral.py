@@ -1,0 +1,263 @@
+r"""Spectral quantities of weight kernels: singular values, condition numbers and smooth surrogates.
+
+A kernel is viewed as a matrix ``M`` of shape ``(fan_in, fan_out)``: a Dense kernel ``(in, out)``
+as is, a Conv kernel ``(kh, kw, c_in, c_out)`` (Flax layout) as ``(kh * kw * c_in, c_out)``; in
+general every axis but the last is folded into ``fan_in`` (:func:`as_matrix`). PyTorch stores the
+transpose of the same matrix, so singular values agree across frameworks.
+
+With ``sigma_1 >= ... >= sigma_r >= 0`` the singular values of ``M`` (``r = min(fan_in,
+fan_out)``), the condition number is ``kappa(M) = sigma_1 / sigma_r`` (``inf`` when ``sigma_r =
+0``). Heavily pruned kernels are often rank deficient or nearly so, which is the failure mode TSCNC
+(Feng, Lin, Gao, Wei, arXiv 2503.20454) targets; every function accepts an optional pruning
+``mask`` and then acts on the pruned kernel ``M * mask``.
+
+Gradients flow through singular values only (``d sigma_i / dM = u_i v_i^T``); no singular vector
+enters a loss, so the gradients stay finite for repeated and zero singular values, the case of
+identity-like and pruned matrices where gradients through ``U`` and ``V`` are undefined.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tscnc_jax import tree_utils
+
+Array = jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation helpers (shared with the penalties).
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_concrete(x: Any) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_nonnegative(name: str, value: Any, *, strict: bool = False) -> None:
+    """Raises ``ValueError`` if a concrete scalar ``value`` is negative (or zero when ``strict``).
+
+    Traced values (e.g. a schedule's output under ``jit``) cannot be checked and pass through.
+    """
+    if value is None or not _is_concrete(value) or callable(value):
+        return
+    v = np.asarray(value)
+    if v.ndim != 0:
+        raise ValueError(f"`{name}` must be a scalar, got shape {v.shape}.")
+    if not np.isfinite(v) or v < 0 or (strict and v == 0):
+        bound = "> 0" if strict else ">= 0"
+        raise ValueError(f"`{name}` must be finite and {bound}, got {float(v)!r}.")
+
+
+def _check_kernel(kernel: Any, name: str = "kernel") -> Array:
+    kernel = jnp.asarray(kernel)
+    if not jnp.issubdtype(kernel.dtype, jnp.floating):
+        raise ValueError(f"`{name}` must have a floating dtype, got {kernel.dtype}.")
+    if kernel.ndim < 2:
+        raise ValueError(
+            f"`{name}` must have ndim >= 2 (a Dense (in, out) or Conv (..., c_in, c_out) kernel), "
+            f"got shape {tuple(kernel.shape)}."
+        )
+    return kernel
+
+
+def _masked(kernel: Any, mask: Any | None) -> Array:
+    kernel = _check_kernel(kernel)
+    if mask is None:
+        return kernel
+    mask = jnp.asarray(mask)
+    if tuple(mask.shape) != tuple(kernel.shape):
+        raise ValueError(
+            f"`mask` must have the kernel's shape {tuple(kernel.shape)}, got {tuple(mask.shape)}."
+        )
+    return kernel * mask.astype(kernel.dtype)
+
+
+def _rank_deficient(s: Any, shape: tuple[int, ...], dtype: Any) -> Any:
+    # NumPy's matrix_rank tolerance; ``s`` sorted descending. Works on NumPy and JAX arrays.
+    tol = s[0] * max(shape) * float(np.finfo(dtype).eps)
+    return (s[-1] <= tol) | (s[0] == 0)
+
+
+def _compute_dtype(dtype: Any) -> Any:
+    # LAPACK-style SVD has no half-precision kernels; bf16/fp16 kernels are promoted to fp32.
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact quantities.
+# ----------------------------------------------------------------------------------------------
+
+
+def as_matrix(kernel: Any) -> Array:
+    """Views a kernel as a ``(fan_in, fan_out)`` matrix: all axes but the last fold into fan_in.
+
+    Args:
+      kernel: array of ndim >= 2. Dense ``(in, out)`` is returned as is, Conv ``(kh, kw, c_in,
+        c_out)`` becomes ``(kh * kw * c_in, c_out)``.
+
+    Returns:
+      The matrix view (a reshape, no copy under ``jit``).
+
+    Raises:
+      ValueError: if ``kernel.ndim < 2``.
+    """
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim < 2:
+        raise ValueError(
+            f"`kernel` must have ndim >= 2 (a Dense (in, out) or Conv (..., c_in, c_out) kernel), "
+            f"got shape {tuple(kernel.shape)}."
+        )
+    return kernel.reshape(-1, kernel.shape[-1])
+
+
+def singular_values(kernel: Any, mask: Any | None = None) -> Array:
+    """Singular values of ``as_matrix(kernel * mask)``, in descending order.
+
+    Args:
+      kernel: floating array of ndim >= 2.
+      mask: optional array of the kernel's shape; the pruned kernel ``kernel * mask`` is used.
+
+    Returns:
+      Array of shape ``(min(fan_in, fan_out),)`` in the kernel's dtype promoted to at least
+      float32. Differentiable; the gradient of ``sigma_i`` is ``u_i v_i^T`` (finite also for
+      repeated or zero singular values).
+    """
+    m = as_matrix(_masked(kernel, mask))
+    m = m.astype(_compute_dtype(m.dtype))
+    return jnp.linalg.svd(m, full_matrices=False, compute_uv=False)
+
+
+def condition_number(kernel: Any, mask: Any | None = None) -> Array:
+    """Exact condition number ``sigma_max / sigma_min`` of the (pruned) kernel's matrix.
+
+    Returns ``inf`` when the matrix is numerically rank deficient by NumPy's ``matrix_rank`` rule
+    (``sigma_min <= sigma_max * max(fan_in, fan_out) * finfo(dtype).eps``), which covers the
+    all-zero matrix. This is a metric, not a loss: use :func:`smooth_log_condition_number` for a
+    differentiable penalty. Computed in the kernel's dtype: in float32, kappa above ~1e6 is
+    unreliable; :func:`tree_condition_numbers` reports in float64.
+    """
+    m = as_matrix(_masked(kernel, mask))
+    s = singular_values(m)
+    smax, smin = s[0], s[-1]
+    singular = _rank_deficient(s, m.shape, s.dtype)
+    return jnp.where(singular, jnp.inf, smax / jnp.where(singular, 1.0, smin))
+
+
+def tree_condition_numbers(
+    params: Any,
+    masks: Any | None = None,
+    filter_fn: tree_utils.FilterFn | None = None,
+) -> dict[str, float]:
+    """Condition numbers of every kernel in ``params``, as float64 host values (for reporting).
+
+    The SVD runs in NumPy float64 on the host, whatever the parameters' dtype, so ill-conditioned
+    kernels are reported accurately (float32 SVD loses ``sigma_min`` below ~1e-7 ``sigma_max``).
+    Numerically rank-deficient kernels (see :func:`condition_number`) report ``inf``.
+
+    Args:
+      params: a pytree of parameters.
+      masks: optional masks tree (see :mod:`tscnc_jax.tree_utils`); pruned kernels are measured.
+      filter_fn: ``(path, leaf) -> bool``; default :func:`tscnc_jax.tree_utils.is_kernel`.
+
+    Returns:
+      ``{"path/to/kernel": kappa}`` in pytree order.
+    """
+    out = {}
+    for name, leaf, mask in tree_utils.named_leaves(params, masks, filter_fn):
+        w = np.asarray(jax.device_get(leaf), dtype=np.float64)
+        if mask is not None:
+            w = w * np.asarray(jax.device_get(mask), dtype=np.float64)
+        m = w.reshape(-1, w.shape[-1])
+        s = np.linalg.svd(m, compute_uv=False)
+        out[name] = float("inf") if _rank_deficient(s, m.shape, np.float64) else float(s[0] / s[-1])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Smooth surrogates (losses).
+# ----------------------------------------------------------------------------------------------
+
+
+def smooth_log_condition_number(
+    kernel: Any,
+    *,
+    temperature: float | Array,
+    delta: float | Array,
+    mask: Any | None = None,
+) -> Array:
+    r"""Smooth upper bound of the log condition number (the CNC penalty of one kernel).
+
+    With ``s_i = log(sigma_i + delta)`` and temperature ``tau > 0``::
+
+        R(M) = tau * logsumexp(s / tau) + tau * logsumexp(-s / tau)
+             = softmax_tau(s) - softmin_tau(s)
+
+    Since ``max s <= softmax_tau(s) <= max s + tau log r`` (and symmetrically for the soft-min),
+
+        log kappa(M + delta) <= R(M) <= log kappa(M + delta) + 2 tau log r
+                                      <= log kappa(M) + 2 tau log r
+
+    where ``kappa(M + delta) = (sigma_1 + delta) / (sigma_r + delta)`` is the condition number of
+    the shifted spectrum. ``R -> log kappa(M + delta)`` as ``tau -> 0`` and ``R = 0`` exactly when
+    all singular values are equal (e.g. orthogonal ``M``). ``delta > 0`` keeps ``R`` and its
+    gradient finite on rank-deficient (heavily pruned) kernels, where ``R <= log((sigma_1 + delta)
+    / delta) + 2 tau log r``. Unlike ``kappa`` itself, ``R`` is not scale invariant when ``delta >
+    0``: choose ``delta`` small relative to the kernels' typical ``sigma_max``.
+
+    Args:
+      kernel: floating array of ndim >= 2 (see :func:`as_matrix`).
+      temperature: ``tau > 0``. Smaller is tighter but less smooth (the gradient concentrates on
+        the extreme singular values); ``0.1``-``1`` is a practical range.
+      delta: ``>= 0`` shift of the singular values; ``delta = 0`` is only safe for full-rank
+        kernels.
+      mask: optional pruning mask of the kernel's shape.
+
+    Returns:
+      A scalar in the kernel's compute dtype (at least float32).
+
+    References:
+      Feng et al., "Lipschitz Constant Meets Condition Number", arXiv 2503.20454 (2025).
+    """
+    check_nonnegative("temperature", temperature, strict=True)
+    check_nonnegative("delta", delta)
+    s = singular_values(kernel, mask)
+    logs = jnp.log(s + jnp.asarray(delta, s.dtype))
+    tau = jnp.asarray(temperature, s.dtype)
+    soft_max = tau * jax.nn.logsumexp(logs / tau)
+    soft_min = -tau * jax.nn.logsumexp(-logs / tau)
+    return soft_max - soft_min
+
+
+def log_det_condition_penalty(kernel: Any, *, eps: float = 1e-5, mask: Any | None = None) -> Array:
+    r"""The "condition" loss of the TSCNC authors' code: ``[log(eps + det(W^T W / n_out))]^2``.
+
+    ``W = as_matrix(kernel)`` has shape ``(n_in, n_out)``; ``W^T W`` is the ``n_out x n_out`` Gram
+    matrix and its determinant is computed by LU factorisation (``jnp.linalg.det``), exactly as in
+    the authors' code, which applies it with weight 1 to the final Dense classifier only. It equals
+    ``(sum_i log(sigma_i^2 / n_out))^2`` when ``det >> eps``: it drives the *geometric mean* of the
+    normalised squared singular values to 1, a volume constraint rather than a bound on
+    ``sigma_max / sigma_min``.
+
+    Known behaviour, kept for faithful comparison (see ``METHOD.md``): when ``n_out > n_in`` the
+    Gram matrix is singular and the term is the constant ``log(eps)^2``; for many outputs (e.g.
+    100 classes) the determinant underflows to 0 in float32 and the term is again constant with
+    zero gradient. Prefer :func:`smooth_log_condition_number`.
+
+    Args:
+      kernel: floating array of ndim >= 2.
+      eps: ``>= 0`` added to the determinant (not to the eigenvalues).
+      mask: optional pruning mask of the kernel's shape.
+
+    Returns:
+      A scalar.
+    """
+    check_nonnegative("eps", eps)
+    w = as_matrix(_masked(kernel, mask))
+    w = w.astype(_compute_dtype(w.dtype))
+    gram = w.T @ w / w.shape[1]
+    return jnp.square(jnp.log(jnp.asarray(eps, w.dtype) + jnp.linalg.det(gram)))

@@ -1,0 +1,174 @@
+r"""optax gradient transformations adding the TSCNC penalties' gradients to the updates.
+
+Each transformation maps incoming gradients ``g`` to ``g + weight(step) * grad(penalty)(params)``,
+like :func:`optax.add_decayed_weights` does for L2. Place it before the optimizer::
+
+    tx = optax.chain(
+        tscnc_jax.add_transformed_sparsity_penalty(1e-5, a=1.0),
+        tscnc_jax.add_condition_number_penalty(1e-2, temperature=0.1, delta=1e-3),
+        optax.sgd(0.1, momentum=0.9, nesterov=True),
+    )
+
+Weights are :data:`optax.ScalarOrSchedule` (evaluated at the transformation's own step count).
+They compose with :func:`optax.chain`, :func:`optax.masked` (restricts which leaves the penalty
+sees), :func:`optax.multi_transform` and :func:`optax.inject_hyperparams`; with the latter, pass
+``static_args=("filter_fn",)`` when a ``filter_fn`` is given, since ``inject_hyperparams`` treats
+every callable argument as a schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tscnc_jax import penalties, spectral, tree_utils
+
+
+class AddPenaltyState(NamedTuple):
+    """State of the ``add_*_penalty`` transformations: the step count for the weight schedule."""
+
+    count: jax.Array  # int32 scalar
+
+
+def _add_penalty_gradient(
+    penalty_fn: Callable[[Any], jax.Array],
+    weight: optax.ScalarOrSchedule,
+    name: str,
+) -> optax.GradientTransformation:
+    spectral.check_nonnegative("weight", weight)
+
+    def init_fn(params):
+        del params
+        return AddPenaltyState(count=jnp.zeros([], jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(
+                f"{name} needs the current parameters: call `update(updates, state, params)`."
+            )
+        w = weight(state.count) if callable(weight) else weight
+        grads = jax.grad(penalty_fn)(params)
+        updates = jax.tree.map(
+            lambda u, g: (u + jnp.asarray(w, g.dtype) * g).astype(u.dtype), updates, grads
+        )
+        return updates, AddPenaltyState(count=optax.safe_int32_increment(state.count))
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def add_condition_number_penalty(
+    weight: optax.ScalarOrSchedule,
+    *,
+    temperature: float = penalties.DEFAULT_TEMPERATURE,
+    delta: float = penalties.DEFAULT_DELTA,
+    form: Literal["smooth", "log_det"] = "smooth",
+    eps: float = 1e-5,
+    filter_fn: tree_utils.FilterFn | None = None,
+    masks: Any | None = None,
+    reduce: Literal["mean", "sum"] = "mean",
+) -> optax.GradientTransformation:
+    r"""Adds ``weight * grad(condition_number_penalty)(params)`` to the updates (CNC).
+
+    Args:
+      weight: ``lambda_c >= 0``, a scalar or a schedule of the step count.
+      temperature, delta, form, eps, filter_fn, masks, reduce: as in
+        :func:`tscnc_jax.condition_number_penalty`. ``masks`` is a fixed masks tree; inside
+        the pruning wrapper (:mod:`tscnc_jax.pruning`) the penalty sees the pruned parameters.
+
+    Returns:
+      An :class:`optax.GradientTransformation` whose ``update`` requires ``params``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, tscnc_jax
+      >>> params = {"kernel": jax.random.normal(jax.random.key(0), (8, 4))}
+      >>> tx = optax.chain(tscnc_jax.add_condition_number_penalty(0.1), optax.sgd(0.1))
+      >>> state = tx.init(params)
+      >>> zeros = jax.tree.map(jnp.zeros_like, params)
+      >>> updates, state = tx.update(zeros, state, params)
+    """
+    # Validate eagerly (at construction) so bad hyperparameters fail before any tracing.
+    penalties.condition_number_penalty(
+        {}, temperature=temperature, delta=delta, form=form, eps=eps, reduce=reduce
+    )
+
+    def penalty_fn(params):
+        return penalties.condition_number_penalty(
+            params,
+            temperature=temperature,
+            delta=delta,
+            form=form,
+            eps=eps,
+            filter_fn=filter_fn,
+            masks=masks,
+            reduce=reduce,
+        )
+
+    return _add_penalty_gradient(penalty_fn, weight, "add_condition_number_penalty")
+
+
+def add_transformed_sparsity_penalty(
+    weight: optax.ScalarOrSchedule,
+    *,
+    a: float,
+    eps: float = 0.0,
+    filter_fn: tree_utils.FilterFn | None = None,
+    masks: Any | None = None,
+    normalize: bool = False,
+) -> optax.GradientTransformation:
+    r"""Adds ``weight * grad(transformed_sparsity_penalty)(params)`` to the updates (TSC).
+
+    Args:
+      weight: ``lambda_s >= 0``, a scalar or a schedule of the step count.
+      a, eps, filter_fn, masks, normalize: as in :func:`tscnc_jax.transformed_sparsity_penalty`.
+
+    Returns:
+      An :class:`optax.GradientTransformation` whose ``update`` requires ``params``.
+    """
+    penalties.transformed_sparsity_penalty({}, a=a, eps=eps)
+
+    def penalty_fn(params):
+        return penalties.transformed_sparsity_penalty(
+            params, a=a, eps=eps, filter_fn=filter_fn, masks=masks, normalize=normalize
+        )
+
+    return _add_penalty_gradient(penalty_fn, weight, "add_transformed_sparsity_penalty")
+
+
+def tscnc(
+    cnc_weight: optax.ScalarOrSchedule,
+    tsc_weight: optax.ScalarOrSchedule,
+    *,
+    temperature: float = penalties.DEFAULT_TEMPERATURE,
+    delta: float = penalties.DEFAULT_DELTA,
+    a: float = 1.0,
+    tsc_eps: float = 0.0,
+    cnc_form: Literal["smooth", "log_det"] = "smooth",
+    filter_fn: tree_utils.FilterFn | None = None,
+    masks: Any | None = None,
+    reduce: Literal["mean", "sum"] = "mean",
+    normalize: bool = False,
+) -> optax.GradientTransformation:
+    r"""Both TSCNC constraints, chained: the TSC transformation, then the CNC transformation.
+
+    Adds ``tsc_weight * grad(R_TSC) + cnc_weight * grad(R_CNC)`` to the updates; chain an
+    optimizer after it. Arguments are those of the two transformations (``tsc_eps`` is the TSC's
+    ``eps``, ``cnc_form`` the CNC's ``form``; both penalties share ``filter_fn`` and ``masks``).
+    """
+    return optax.chain(
+        add_transformed_sparsity_penalty(
+            tsc_weight, a=a, eps=tsc_eps, filter_fn=filter_fn, masks=masks, normalize=normalize
+        ),
+        add_condition_number_penalty(
+            cnc_weight,
+            temperature=temperature,
+            delta=delta,
+            form=cnc_form,
+            filter_fn=filter_fn,
+            masks=masks,
+            reduce=reduce,
+        ),
+    )
