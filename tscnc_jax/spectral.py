@@ -203,11 +203,12 @@ def smooth_log_condition_number(
                                       <= log kappa(M) + 2 tau log r
 
     where ``kappa(M + delta) = (sigma_1 + delta) / (sigma_r + delta)`` is the condition number of
-    the shifted spectrum. ``R -> log kappa(M + delta)`` as ``tau -> 0`` and ``R = 0`` exactly when
-    all singular values are equal (e.g. orthogonal ``M``). ``delta > 0`` keeps ``R`` and its
-    gradient finite on rank-deficient (heavily pruned) kernels, where ``R <= log((sigma_1 + delta)
-    / delta) + 2 tau log r``. Unlike ``kappa`` itself, ``R`` is not scale invariant when ``delta >
-    0``: choose ``delta`` small relative to the kernels' typical ``sigma_max``.
+    the shifted spectrum, and ``R -> log kappa(M + delta)`` as ``tau -> 0``. When all singular
+    values are equal (e.g. orthogonal ``M``), ``R = 2 tau log r`` (the upper end) and its gradient
+    is zero: these matrices are the minimisers. ``delta > 0`` keeps ``R`` and its gradient finite
+    on rank-deficient (heavily pruned) kernels, where ``R <= log((sigma_1 + delta) / delta) + 2 tau
+    log r``. Unlike ``kappa`` itself, ``R`` is not scale invariant when ``delta > 0``: choose
+    ``delta`` small relative to the kernels' typical ``sigma_max``.
 
     Args:
       kernel: floating array of ndim >= 2 (see :func:`as_matrix`).

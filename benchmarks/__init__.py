@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.<name>`; numbers are medians of repeats from one run."""
