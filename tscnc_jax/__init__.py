@@ -5,6 +5,7 @@ and Compact Deep Neural Networks", arXiv 2503.20454): a smooth condition-number 
 and a transformed sparse constraint (TSC) for adversarially trained, heavily pruned networks.
 """
 
+from tscnc_jax.models import create_model
 from tscnc_jax.penalties import (
     DEFAULT_DELTA,
     DEFAULT_TEMPERATURE,
@@ -50,6 +51,7 @@ __all__ = [
     "clamp_log_alpha",
     "condition_number",
     "condition_number_penalty",
+    "create_model",
     "gated_tsc_penalty",
     "hard_concrete_gate",
     "hard_concrete_prob_nonzero",

@@ -1,0 +1,340 @@
+"""Flax linen models: MLP, small CNN, LeNet-5, VGG, pre-activation ResNet-18 and WideResNet.
+
+Conventions:
+
+* Inputs are NHWC images in ``[0, 1]`` (no normalisation layer, as in the adversarial-training
+  literature this project follows); outputs are logits.
+* ``model.apply(variables, x, train=...)``; models with BatchNorm keep ``batch_stats`` (pass
+  ``mutable=["batch_stats"]`` when ``train=True``). Gated WideResNets draw their hard-concrete gates
+  from the ``"gates"`` RNG stream when ``train=True``.
+* Parameter paths are Flax's automatic names (``Conv_0/kernel``, ``PreActBlock_3/Conv_1/kernel``,
+  ``Dense_0/kernel``), so penalties and pruning address kernels by path, and every prunable kernel
+  is a floating array of ndim >= 2 (:func:`tscnc_jax.tree_utils.is_kernel`).
+* Pruning masks are not part of the models: apply them to the parameters
+  (:func:`tscnc_jax.apply_masks`) before ``apply``; the models stay pure.
+
+Speed on XLA:CPU: a 3x3 convolution whose output is at most 4x4 pixels is lowered by XLA:CPU to a
+slow direct convolution (measured here at batch 128: 3.2 s vs 0.05 s for forward + backward of a
+3x3 512->512 conv on 2x2 inputs, 0.32 s vs 0.19 s on 4x4 inputs; larger maps favour XLA's own
+convolution). :class:`Conv` therefore computes small-spatial convolutions as im2col + matmul, with
+the same parameters (see ``benchmarks``). 2x2 max pooling is a reshape-and-max, whose backward pass
+is about 2x faster on CPU than ``nn.max_pool``'s.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from tscnc_jax import sparsity
+
+Array = jax.Array
+
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # He et al. 2015
+
+
+def max_pool_2x2(x: Array) -> Array:
+    """2x2 max pooling with stride 2 (VALID: an odd last row/column is dropped), NHWC."""
+    b, h, w, c = x.shape
+    if h < 2 or w < 2:
+        raise ValueError(f"max_pool_2x2 needs spatial size >= 2, got {h}x{w}.")
+    x = x[:, : h - h % 2, : w - w % 2, :]
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _im2col_conv(x: Array, kernel: Array, strides: tuple[int, int], padding: str) -> Array:
+    """Convolution as one matmul over shifted slices (equals ``lax.conv_general_dilated``)."""
+    kh, kw, _, c_out = kernel.shape
+    sh, sw = strides
+    if padding == "SAME":
+        h, w = x.shape[1:3]
+        out_h, out_w = -(-h // sh), -(-w // sw)
+        pad_h = max((out_h - 1) * sh + kh - h, 0)
+        pad_w = max((out_w - 1) * sw + kw - w, 0)
+        x = jnp.pad(x, ((0, 0), (pad_h // 2, pad_h - pad_h // 2),
+                        (pad_w // 2, pad_w - pad_w // 2), (0, 0)))
+    elif padding != "VALID":
+        raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}.")
+    h, w = x.shape[1:3]
+    out_h, out_w = (h - kh) // sh + 1, (w - kw) // sw + 1
+    cols = [
+        x[:, i : i + (out_h - 1) * sh + 1 : sh, j : j + (out_w - 1) * sw + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    # Channel order (kh, kw, c_in) matches kernel.reshape(-1, c_out), i.e. as_matrix(kernel).
+    return jnp.concatenate(cols, axis=-1) @ kernel.reshape(-1, c_out)
+
+
+class Conv(nn.Module):
+    """2-D convolution with ``nn.Conv``'s parameters (``kernel (kh, kw, c_in, c_out)``, ``bias``).
+
+    Outputs of at most ``im2col_max_pixels`` pixels are computed as im2col + matmul (much faster
+    on XLA:CPU, see the module docstring); larger ones with ``lax.conv_general_dilated``. Both give
+    the same result to float32 rounding.
+    """
+
+    features: int
+    kernel_size: tuple[int, int] = (3, 3)
+    strides: tuple[int, int] = (1, 1)
+    padding: str = "SAME"
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    kernel_init: Callable = conv_kernel_init
+    im2col_max_pixels: int = 16
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kh, kw = self.kernel_size
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        sh, sw = self.strides
+        h, w = x.shape[1:3]
+        if self.padding == "SAME":
+            out_pixels = -(-h // sh) * -(-w // sw)
+        else:
+            out_pixels = ((h - kh) // sh + 1) * ((w - kw) // sw + 1)
+        if out_pixels <= self.im2col_max_pixels:
+            y = _im2col_conv(x, kernel, self.strides, self.padding)
+        else:
+            y = lax.conv_general_dilated(
+                x, kernel, self.strides, self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        return y
+
+
+class GatedConv(nn.Module):
+    """A bias-free :class:`Conv` whose output channels are scaled by hard-concrete gates.
+
+    Parameters ``kernel`` and ``log_alpha`` (one gate per output channel, initialised as in
+    Louizos et al. 2018 with drop rate 0.3). Training (``train=True``) draws one gate sample per
+    channel from the ``"gates"`` RNG stream, shared across the batch; evaluation uses the
+    deterministic gate. Scaling the output equals scaling the channel's weights since there is no
+    bias. Pair with :func:`tscnc_jax.gated_tsc_penalty` / :func:`tree_gated_tsc_penalty`.
+    """
+
+    features: int
+    strides: tuple[int, int] = (1, 1)
+    droprate_init: float = 0.3
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        y = Conv(self.features, strides=self.strides, use_bias=False, dtype=self.dtype,
+                 name="conv")(x)
+        log_alpha = self.param(
+            "log_alpha",
+            lambda key, n: sparsity.init_log_alpha(key, n, droprate=self.droprate_init),
+            self.features,
+        )
+        if train:
+            z = sparsity.hard_concrete_sample(self.make_rng("gates"), log_alpha)
+        else:
+            z = sparsity.hard_concrete_gate(log_alpha)
+        return y * z.astype(y.dtype)
+
+
+def _batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm:
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+                        name=name)
+
+
+class MLP(nn.Module):
+    """Fully connected ReLU network on flattened inputs."""
+
+    features: Sequence[int] = (256, 256)
+    num_classes: int = 10
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool = False) -> Array:
+        del train
+        x = x.reshape(x.shape[0], -1).astype(self.dtype)
+        for f in self.features:
+            x = nn.relu(nn.Dense(f, dtype=self.dtype)(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+
+
+class SmallCNN(nn.Module):
+    """MNIST-scale CNN: Conv3x3(32)-pool-Conv3x3(64)-pool-Dense(128)-Dense(classes).
+
+    421,642 parameters on 28x28x1 inputs.
+    """
+
+    num_classes: int = 10
+    width: int = 32
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool = False) -> Array:
+        del train
+        x = max_pool_2x2(nn.relu(Conv(self.width, dtype=self.dtype)(x)))
+        x = max_pool_2x2(nn.relu(Conv(2 * self.width, dtype=self.dtype)(x)))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(4 * self.width, dtype=self.dtype)(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 (LeCun et al. 1998) with ReLU and max pooling, for 28x28 or 32x32 inputs."""
+
+    num_classes: int = 10
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool = False) -> Array:
+        del train
+        pad = "SAME" if x.shape[1] == 28 else "VALID"  # 28x28 is padded to the classic 32x32
+        x = max_pool_2x2(nn.relu(Conv(6, (5, 5), padding=pad, dtype=self.dtype)(x)))
+        x = max_pool_2x2(nn.relu(Conv(16, (5, 5), padding="VALID", dtype=self.dtype)(x)))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(120, dtype=self.dtype)(x))
+        x = nn.relu(nn.Dense(84, dtype=self.dtype)(x))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+
+
+VGG_CONFIGS = {
+    11: (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    13: (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+    16: (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+}
+
+
+class VGG(nn.Module):
+    """CIFAR-style VGG (Simonyan and Zisserman 2015): 3x3 convs, 2x2 pools, one Dense classifier.
+
+    ``width`` scales every conv's channels (``width=0.25`` gives a narrow VGG for CPU runs). A
+    pool is skipped once the feature map is 1x1 (28x28 inputs reach 1x1 after four pools).
+    """
+
+    depth: int = 16
+    num_classes: int = 10
+    use_bn: bool = False
+    width: float = 1.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool = False) -> Array:
+        if self.depth not in VGG_CONFIGS:
+            raise ValueError(f"VGG depth must be one of {sorted(VGG_CONFIGS)}, got {self.depth}.")
+        for item in VGG_CONFIGS[self.depth]:
+            if item == "M":
+                if x.shape[1] >= 2 and x.shape[2] >= 2:
+                    x = max_pool_2x2(x)
+                continue
+            x = Conv(max(1, int(round(item * self.width))), use_bias=not self.use_bn,
+                     dtype=self.dtype)(x)
+            if self.use_bn:
+                x = _batch_norm(train, self.dtype)(x)
+            x = nn.relu(x)
+        x = jnp.mean(x, axis=(1, 2))  # 1x1 for 32x32 inputs: a reshape
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al. 2016, arXiv 1603.05027), optional gated first conv."""
+
+    features: int
+    strides: tuple[int, int] = (1, 1)
+    gated: bool = False
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool) -> Array:
+        out = nn.relu(_batch_norm(train, self.dtype)(x))
+        if x.shape[-1] != self.features or self.strides != (1, 1):
+            shortcut = Conv(self.features, (1, 1), self.strides, use_bias=False,
+                            dtype=self.dtype, name="shortcut")(out)
+        else:
+            shortcut = x
+        if self.gated:
+            y = GatedConv(self.features, self.strides, dtype=self.dtype)(out, train=train)
+        else:
+            y = Conv(self.features, strides=self.strides, use_bias=False, dtype=self.dtype)(out)
+        y = nn.relu(_batch_norm(train, self.dtype)(y))
+        if self.dropout_rate > 0:
+            y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+        y = Conv(self.features, use_bias=False, dtype=self.dtype)(y)
+        return y + shortcut
+
+
+class PreActResNet18(nn.Module):
+    """Pre-activation ResNet-18 for 32x32 inputs (four stages of two blocks, 64-512 channels)."""
+
+    num_classes: int = 10
+    width: int = 64
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool = False) -> Array:
+        x = Conv(self.width, use_bias=False, dtype=self.dtype)(x)
+        for stage, mult in enumerate((1, 2, 4, 8)):
+            for block in range(2):
+                strides = (2, 2) if stage > 0 and block == 0 else (1, 1)
+                x = PreActBlock(self.width * mult, strides, dtype=self.dtype)(x, train=train)
+        x = nn.relu(_batch_norm(train, self.dtype)(x))
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+
+
+class WideResNet(nn.Module):
+    """Pre-activation WideResNet-d-k (Zagoruyko and Komodakis 2016).
+
+    ``gated=True`` puts a hard-concrete gate on every output channel of the first conv of each
+    block, as in the TSCNC authors' code (then ``apply`` with ``train=True`` needs a ``"gates"``
+    RNG).
+    """
+
+    depth: int = 28
+    widen_factor: int = 10
+    num_classes: int = 10
+    gated: bool = False
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, *, train: bool = False) -> Array:
+        if (self.depth - 4) % 6:
+            raise ValueError(f"WideResNet depth must be 6n + 4, got {self.depth}.")
+        n = (self.depth - 4) // 6
+        x = Conv(16, use_bias=False, dtype=self.dtype)(x)
+        for stage, width in enumerate((16, 32, 64)):
+            for block in range(n):
+                strides = (2, 2) if stage > 0 and block == 0 else (1, 1)
+                x = PreActBlock(width * self.widen_factor, strides, gated=self.gated,
+                                dropout_rate=self.dropout_rate, dtype=self.dtype)(x, train=train)
+        x = nn.relu(_batch_norm(train, self.dtype)(x))
+        x = jnp.mean(x, axis=(1, 2))
+        return nn.Dense(self.num_classes, dtype=self.dtype)(x)
+
+
+_MODELS = {
+    "mlp": MLP,
+    "small_cnn": SmallCNN,
+    "lenet5": LeNet5,
+    "vgg": VGG,
+    "preact_resnet18": PreActResNet18,
+    "wide_resnet": WideResNet,
+}
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Builds a model by name (``mlp``, ``small_cnn``, ``lenet5``, ``vgg``, ``preact_resnet18``,
+    ``wide_resnet``) with its keyword arguments; unknown names or arguments raise ``ValueError``."""
+    if name not in _MODELS:
+        raise ValueError(f"Unknown model {name!r}; choose one of {sorted(_MODELS)}.")
+    cls = _MODELS[name]
+    fields = set(cls.__dataclass_fields__) - {"parent", "name"}
+    unknown = set(kwargs) - fields
+    if unknown:
+        raise ValueError(f"Unknown argument(s) {sorted(unknown)} for model {name!r}; "
+                         f"accepted: {sorted(fields)}.")
+    return cls(**kwargs)
