@@ -75,6 +75,18 @@ def test_tscnc_adds_both_gradients():
     chex.assert_trees_all_close(updates, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_penalty_values_recorded_in_state():
+    params, grads = _params(), _grads(_params())
+    tx = optax.inject_hyperparams(optax.sgd)(0.1)
+    tx = optax.chain(tj.tscnc(0.2, 0.05, a=0.5, **CNC_KW), tx)
+    state = tx.init(params)
+    assert {k: float(v) for k, v in tj.penalty_values(state).items()} == {"cnc": 0.0, "tsc": 0.0}
+    _, state = jax.jit(tx.update)(grads, state, params)
+    values = tj.penalty_values(state)
+    np.testing.assert_allclose(values["cnc"], _cnc(params), rtol=1e-6)
+    np.testing.assert_allclose(values["tsc"], _tsc(params), rtol=1e-6)
+
+
 @pytest.mark.parametrize("weight", [0.0, optax.constant_schedule(0.0)])
 def test_zero_weight_is_identity(weight):
     params, grads = _params(), _grads(_params())

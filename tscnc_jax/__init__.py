@@ -30,9 +30,11 @@ from tscnc_jax.spectral import (
     tree_condition_numbers,
 )
 from tscnc_jax.transforms import (
-    AddPenaltyState,
+    ConditionNumberPenaltyState,
+    SparsityPenaltyState,
     add_condition_number_penalty,
     add_transformed_sparsity_penalty,
+    penalty_values,
     tscnc,
 )
 from tscnc_jax.tree_utils import apply_masks, check_masks, is_kernel, named_leaves, path_to_str
@@ -42,7 +44,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_DELTA",
     "DEFAULT_TEMPERATURE",
-    "AddPenaltyState",
+    "ConditionNumberPenaltyState",
+    "SparsityPenaltyState",
     "add_condition_number_penalty",
     "add_transformed_sparsity_penalty",
     "apply_masks",
@@ -61,6 +64,7 @@ __all__ = [
     "log_det_condition_penalty",
     "named_leaves",
     "path_to_str",
+    "penalty_values",
     "singular_values",
     "smooth_log_condition_number",
     "tree_condition_numbers",

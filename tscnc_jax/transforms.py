@@ -28,22 +28,56 @@ import optax
 from tscnc_jax import penalties, spectral, tree_utils
 
 
-class AddPenaltyState(NamedTuple):
-    """State of the ``add_*_penalty`` transformations: the step count for the weight schedule."""
+class ConditionNumberPenaltyState(NamedTuple):
+    """State of :func:`add_condition_number_penalty`.
 
-    count: jax.Array  # int32 scalar
+    Attributes:
+      count: number of updates done (int32), the argument of the weight schedule.
+      value: the (unweighted) penalty at the parameters of the last update (float32), so that a
+        training loop can log it without recomputing SVDs; 0 before the first update.
+    """
+
+    count: jax.Array
+    value: jax.Array
+
+
+class SparsityPenaltyState(NamedTuple):
+    """State of :func:`add_transformed_sparsity_penalty` (fields as in the CNC state)."""
+
+    count: jax.Array
+    value: jax.Array
+
+
+def penalty_values(opt_state: Any) -> dict[str, jax.Array]:
+    """Reads the last penalty values recorded in an optimizer state, wherever they are nested.
+
+    Returns ``{"cnc": ..., "tsc": ...}`` with the keys of the penalties present (values summed if
+    a penalty occurs more than once, e.g. under :func:`optax.multi_transform`).
+    """
+    found: dict[str, jax.Array] = {}
+    kinds = {ConditionNumberPenaltyState: "cnc", SparsityPenaltyState: "tsc"}
+
+    def visit(node):
+        kind = kinds.get(type(node))
+        if kind is not None:
+            found[kind] = found[kind] + node.value if kind in found else node.value
+        return node
+
+    jax.tree.map(visit, opt_state, is_leaf=lambda n: type(n) in kinds)
+    return found
 
 
 def _add_penalty_gradient(
     penalty_fn: Callable[[Any], jax.Array],
     weight: optax.ScalarOrSchedule,
     name: str,
+    state_cls: type,
 ) -> optax.GradientTransformation:
     spectral.check_nonnegative("weight", weight)
 
     def init_fn(params):
         del params
-        return AddPenaltyState(count=jnp.zeros([], jnp.int32))
+        return state_cls(count=jnp.zeros([], jnp.int32), value=jnp.zeros([], jnp.float32))
 
     def update_fn(updates, state, params=None):
         if params is None:
@@ -51,11 +85,14 @@ def _add_penalty_gradient(
                 f"{name} needs the current parameters: call `update(updates, state, params)`."
             )
         w = weight(state.count) if callable(weight) else weight
-        grads = jax.grad(penalty_fn)(params)
+        value, grads = jax.value_and_grad(penalty_fn)(params)
         updates = jax.tree.map(
             lambda u, g: (u + jnp.asarray(w, g.dtype) * g).astype(u.dtype), updates, grads
         )
-        return updates, AddPenaltyState(count=optax.safe_int32_increment(state.count))
+        new_state = state_cls(
+            count=optax.safe_int32_increment(state.count), value=value.astype(jnp.float32)
+        )
+        return updates, new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -107,7 +144,9 @@ def add_condition_number_penalty(
             reduce=reduce,
         )
 
-    return _add_penalty_gradient(penalty_fn, weight, "add_condition_number_penalty")
+    return _add_penalty_gradient(
+        penalty_fn, weight, "add_condition_number_penalty", ConditionNumberPenaltyState
+    )
 
 
 def add_transformed_sparsity_penalty(
@@ -135,7 +174,9 @@ def add_transformed_sparsity_penalty(
             params, a=a, eps=eps, filter_fn=filter_fn, masks=masks, normalize=normalize
         )
 
-    return _add_penalty_gradient(penalty_fn, weight, "add_transformed_sparsity_penalty")
+    return _add_penalty_gradient(
+        penalty_fn, weight, "add_transformed_sparsity_penalty", SparsityPenaltyState
+    )
 
 
 def tscnc(
