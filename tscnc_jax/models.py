@@ -5,8 +5,10 @@ Conventions:
 * Inputs are NHWC images in ``[0, 1]`` (no normalisation layer, as in the adversarial-training
   literature this project follows); outputs are logits.
 * ``model.apply(variables, x, train=...)``; models with BatchNorm keep ``batch_stats`` (pass
-  ``mutable=["batch_stats"]`` when ``train=True``). Gated WideResNets draw their hard-concrete gates
-  from the ``"gates"`` RNG stream when ``train=True``.
+  ``mutable=["batch_stats"]`` when ``train=True``). For data-parallel training build them with
+  ``bn_axis_name`` equal to the step's axis name: batch statistics are then synchronised.
+  Gated WideResNets draw their hard-concrete gates from the ``"gates"`` RNG stream when
+  ``train=True``.
 * Parameter paths are Flax's automatic names (``Conv_0/kernel``, ``PreActBlock_3/Conv_1/kernel``,
   ``Dense_0/kernel``), so penalties and pruning address kernels by path, and every prunable kernel
   is a floating array of ndim >= 2 (:func:`tscnc_jax.tree_utils.is_kernel`).
@@ -141,9 +143,11 @@ class GatedConv(nn.Module):
         return y * z.astype(y.dtype)
 
 
-def _batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm:
+def _batch_norm(train: bool, dtype: Any, axis_name: str | None) -> nn.BatchNorm:
+    # With ``axis_name`` (the data-parallel axis) the batch statistics are averaged over devices
+    # (synchronised BatchNorm), so a step gives the same result on any number of devices.
     return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                        name=name)
+                        axis_name=axis_name if train else None)
 
 
 class MLP(nn.Module):
@@ -219,6 +223,7 @@ class VGG(nn.Module):
     use_bn: bool = False
     width: float = 1.0
     dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool = False) -> Array:
@@ -232,7 +237,7 @@ class VGG(nn.Module):
             x = Conv(max(1, int(round(item * self.width))), use_bias=not self.use_bn,
                      dtype=self.dtype)(x)
             if self.use_bn:
-                x = _batch_norm(train, self.dtype)(x)
+                x = _batch_norm(train, self.dtype, self.bn_axis_name)(x)
             x = nn.relu(x)
         x = jnp.mean(x, axis=(1, 2))  # 1x1 for 32x32 inputs: a reshape
         return nn.Dense(self.num_classes, dtype=self.dtype)(x)
@@ -246,10 +251,11 @@ class PreActBlock(nn.Module):
     gated: bool = False
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
-        out = nn.relu(_batch_norm(train, self.dtype)(x))
+        out = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name)(x))
         if x.shape[-1] != self.features or self.strides != (1, 1):
             shortcut = Conv(self.features, (1, 1), self.strides, use_bias=False,
                             dtype=self.dtype, name="shortcut")(out)
@@ -259,7 +265,7 @@ class PreActBlock(nn.Module):
             y = GatedConv(self.features, self.strides, dtype=self.dtype)(out, train=train)
         else:
             y = Conv(self.features, strides=self.strides, use_bias=False, dtype=self.dtype)(out)
-        y = nn.relu(_batch_norm(train, self.dtype)(y))
+        y = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name)(y))
         if self.dropout_rate > 0:
             y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
         y = Conv(self.features, use_bias=False, dtype=self.dtype)(y)
@@ -272,6 +278,7 @@ class PreActResNet18(nn.Module):
     num_classes: int = 10
     width: int = 64
     dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool = False) -> Array:
@@ -279,8 +286,9 @@ class PreActResNet18(nn.Module):
         for stage, mult in enumerate((1, 2, 4, 8)):
             for block in range(2):
                 strides = (2, 2) if stage > 0 and block == 0 else (1, 1)
-                x = PreActBlock(self.width * mult, strides, dtype=self.dtype)(x, train=train)
-        x = nn.relu(_batch_norm(train, self.dtype)(x))
+                x = PreActBlock(self.width * mult, strides, dtype=self.dtype,
+                                bn_axis_name=self.bn_axis_name)(x, train=train)
+        x = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name)(x))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 
@@ -299,6 +307,7 @@ class WideResNet(nn.Module):
     gated: bool = False
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool = False) -> Array:
@@ -310,8 +319,9 @@ class WideResNet(nn.Module):
             for block in range(n):
                 strides = (2, 2) if stage > 0 and block == 0 else (1, 1)
                 x = PreActBlock(width * self.widen_factor, strides, gated=self.gated,
-                                dropout_rate=self.dropout_rate, dtype=self.dtype)(x, train=train)
-        x = nn.relu(_batch_norm(train, self.dtype)(x))
+                                dropout_rate=self.dropout_rate, dtype=self.dtype,
+                                bn_axis_name=self.bn_axis_name)(x, train=train)
+        x = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name)(x))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x)
 

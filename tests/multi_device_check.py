@@ -1,0 +1,102 @@
+"""Runs 5 training steps on 1 device and on all (fake CPU) devices, and prints the differences.
+
+Run in a fresh process with ``XLA_FLAGS=$(tscnc_jax.parallel.cpu_multi_device_flags(N))``
+(``tests/test_parallel.py`` does). Prints one JSON line:
+``{"devices": N, "<backend>": {"max_abs_diff": ..., "sparsity": ...}, ...}``.
+
+The setting exercises every cross-device path of the step: synchronised BatchNorm, TRADES with its
+PGD inner maximisation (per-example random starts), the CNC and TSC penalties through optax,
+fixed pruning masks (``sparsify``), and the EMA.
+"""
+
+import json
+import os
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import tscnc_jax as tj
+from tscnc_jax import models, parallel, training
+
+AXIS = "batch"
+STEPS = 5
+SPARSITY = 0.9
+LOSS = os.environ.get("CHECK_LOSS", "trades")
+
+
+class TinyBNNet(nn.Module):
+    """Conv-BN-ReLU-pool-Conv-BN-ReLU-pool-Dense: every cross-device path, compiled quickly."""
+
+    bn_axis_name: str | None = None
+
+    @nn.compact
+    def __call__(self, x, *, train=False):
+        for width in (8, 16):
+            x = models.Conv(width, use_bias=False)(x)
+            x = models._batch_norm(train, jnp.float32, self.bn_axis_name)(x)
+            x = models.max_pool_2x2(nn.relu(x))
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def main() -> None:
+    n = jax.device_count()
+    model_single = TinyBNNet()
+    model_multi = TinyBNNet(bn_axis_name=AXIS)
+    variables = model_single.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
+    masks = tj.layerwise_magnitude_masks(variables["params"], SPARSITY)
+    tx = training.make_optimizer(0.05, cnc_weight=0.01, tsc_weight=1e-4, weight_decay=5e-4,
+                                 cnc_kwargs={"temperature": 0.2, "delta": 1e-2},
+                                 tsc_kwargs={"a": 1.0}, masks=masks)
+    state0 = training.create_train_state(
+        model_single, tx, jax.random.key(1), (16, 16, 1), params=variables["params"],
+        batch_stats=variables["batch_stats"], masks=masks)
+    rng = np.random.default_rng(0)
+    batches = [{"image": rng.uniform(0, 1, (8, 16, 16, 1)).astype(np.float32),
+                "label": rng.integers(0, 10, 8).astype(np.int32)} for _ in range(STEPS)]
+    attack = training.default_attack(LOSS, eps=0.1, steps=2)
+
+    def run(backend):
+        model = model_single if backend is None else model_multi
+        step = training.make_train_step(model, tx, loss=LOSS, attack=attack, beta=6.0,
+                                        axis_name=None if backend is None else AXIS)
+        if backend is None:
+            fn, state = jax.jit(step), state0
+        else:
+            fn = parallel.data_parallel(step, axis_name=AXIS, backend=backend)
+            state = parallel.replicate(state0, n) if backend == "pmap" else state0
+        for batch in batches:
+            state, metrics = fn(state, batch)
+        if backend == "pmap":
+            state, metrics = parallel.unreplicate(state), parallel.unreplicate(metrics)
+        return jax.device_get(state), jax.device_get(metrics)
+
+    ref_state, ref_metrics = run(None)
+    out = {"devices": n}
+    for backend in ("shard_map", "pmap"):
+        state, metrics = run(backend)
+        trees = ("params", "batch_stats", "ema_params")
+        diff = max(
+            float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+            for name in trees
+            for a, b in zip(jax.tree.leaves(getattr(ref_state, name)),
+                            jax.tree.leaves(getattr(state, name)), strict=True)
+        )
+        metric_diff = max(abs(float(ref_metrics[k]) - float(metrics[k])) for k in ref_metrics)
+        revived = sum(
+            int(np.sum((np.asarray(p) != 0) & ~np.asarray(m)))
+            for p, m in zip(jax.tree.leaves(state.params),
+                            jax.tree.leaves(masks, is_leaf=lambda x: x is None), strict=True)
+            if m is not None
+        )
+        out[backend] = {"max_abs_diff": diff, "metric_diff": metric_diff,
+                        "pruned_nonzero": revived,
+                        "mask_sparsity": tj.summarize_sparsity(masks).sparsity}
+    print(json.dumps(out))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
