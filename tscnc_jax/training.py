@@ -100,7 +100,8 @@ def create_train_state(
         params=params,
         batch_stats=batch_stats,
         opt_state=opt_state,
-        ema_params=params,
+        # A separate copy: the state can then be donated to a jitted step.
+        ema_params=jax.tree.map(jnp.array, params),
         rng=rng,
         scores=scores,
     )
