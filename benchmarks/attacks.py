@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import pathlib
 import platform
@@ -32,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from benchmarks import common
 from tscnc_jax import attacks
 from tscnc_jax.models import SmallCNN
 
@@ -214,11 +214,7 @@ def main() -> None:
             parser.error(f"unknown workloads {unknown}; choose from {WORKLOADS}")
     results = run(args.quick, repeats, batch, args.eps, only, args.train_steps)
     text = to_markdown(results)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    common.report(text, results, args.out)
 
 
 if __name__ == "__main__":

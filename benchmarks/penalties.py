@@ -11,7 +11,6 @@ compilation; all numbers come from one run on one machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import platform
@@ -22,6 +21,7 @@ import jax
 import numpy as np
 
 import tscnc_jax as tj
+from benchmarks import common
 
 VGG16_CHANNELS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
 
@@ -141,11 +141,7 @@ def main() -> None:
         parser.error("--repeats must be >= 1")
     results = run(args.quick, args.repeats)
     text = to_markdown(results)
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    common.report(text, results, args.out)
 
 
 if __name__ == "__main__":

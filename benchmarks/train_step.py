@@ -13,7 +13,6 @@ numbers measure compute only (28x28x1 for the small CNN, 32x32x3 for VGG-16 and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 import statistics
@@ -23,6 +22,7 @@ import jax
 import numpy as np
 
 import tscnc_jax as tj
+from benchmarks import common
 from tscnc_jax import training
 
 MODELS = {
@@ -107,11 +107,7 @@ def main() -> None:
                      f"{'yes' if r['tscnc'] else 'no'} | {r['median_s'] * 1e3:.1f} | "
                      f"{r['images_per_s']:.1f} | {overhead} |")
     text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    common.report(text, results, args.out)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ Conventions:
 * Pruning masks are not part of the models: apply them to the parameters
   (:func:`tscnc_jax.apply_masks`) before ``apply``; the models stay pure.
 
-Speed on XLA:CPU: a 3x3 convolution whose output is at most 4x4 pixels is lowered by XLA:CPU to a
-slow direct convolution (measured here at batch 128: 3.2 s vs 0.05 s for forward + backward of a
-3x3 512->512 conv on 2x2 inputs, 0.32 s vs 0.19 s on 4x4 inputs; larger maps favour XLA's own
-convolution). :class:`Conv` therefore computes small-spatial convolutions as im2col + matmul, with
-the same parameters (see ``benchmarks``). 2x2 max pooling is a reshape-and-max, whose backward pass
-is about 2x faster on CPU than ``nn.max_pool``'s.
+Speed on XLA:CPU (``python -m benchmarks.lowering``, batch 128, forward + backward, measured on
+the project's 2-core machine): XLA:CPU lowers a 3x3 convolution with a 2x2 output to a slow
+direct convolution, 1503 ms against 19.6 ms as im2col + matmul for 512->512 channels; from 4x4
+outputs on, XLA's own convolution is as fast or faster (88 vs 99 ms at 4x4, 121 vs 192 ms at
+16x16). :class:`Conv` therefore switches to im2col + matmul for outputs of at most 4 pixels, with
+the same parameters. 2x2 max pooling is a reshape-and-max, 3.8-13x faster than ``nn.max_pool``
+forward + backward at the shapes of the small CNN and VGG.
 """
 
 from __future__ import annotations
@@ -76,9 +77,9 @@ def _im2col_conv(x: Array, kernel: Array, strides: tuple[int, int], padding: str
 class Conv(nn.Module):
     """2-D convolution with ``nn.Conv``'s parameters (``kernel (kh, kw, c_in, c_out)``, ``bias``).
 
-    Outputs of at most ``im2col_max_pixels`` pixels are computed as im2col + matmul (much faster
-    on XLA:CPU, see the module docstring); larger ones with ``lax.conv_general_dilated``. Both give
-    the same result to float32 rounding.
+    Outputs of at most ``im2col_max_pixels`` pixels (default: 2x2) are computed as im2col +
+    matmul (77x faster on XLA:CPU, see the module docstring); larger ones with
+    ``lax.conv_general_dilated``. Both give the same result to float32 rounding.
     """
 
     features: int
@@ -88,7 +89,7 @@ class Conv(nn.Module):
     use_bias: bool = True
     dtype: Any = jnp.float32
     kernel_init: Callable = conv_kernel_init
-    im2col_max_pixels: int = 16
+    im2col_max_pixels: int = 4
 
     @nn.compact
     def __call__(self, x: Array) -> Array:

@@ -1,0 +1,1 @@
+"""Experiment pipeline for tscnc_jax: configs, data loading, training, checkpoints."""

@@ -1,0 +1,1 @@
+"""ml_collections configs; ``get_config("smoke")`` selects the seconds-long synthetic variant."""

@@ -1,0 +1,430 @@
+"""The TSCNC pipeline: dense adversarial training -> pruning -> fine-tuning, resumable.
+
+``train_and_evaluate(config, workdir)`` runs the stages named in ``config.stages`` in order. Each
+stage checkpoints into ``<workdir>/<stage>/checkpoints`` every epoch (orbax, atomic) and writes
+``<workdir>/<stage>/final`` when done; the next stage starts from the previous stage's final
+state. Rerunning the same command resumes: finished stages are loaded, the running one continues
+from its latest checkpoint at the exact batch (the data order is a function of (seed, epoch)).
+
+Outputs in ``workdir``: ``metrics.jsonl`` (one JSON object per logged step or evaluation),
+``summary.json`` and ``results.md`` (clean and robust accuracy per attack, measured sparsity,
+per-layer condition numbers of the pruned kernels, product of sigma_max). TensorBoard event files
+are not written: JSON lines keep the dependency set small (``tensorboard --logdir`` users can
+convert them); a progress bar with ETA goes to stdout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+import tscnc_jax as tj
+from experiments import checkpoints
+from experiments import data as data_lib
+from tscnc_jax import training
+
+log = logging.getLogger(__name__)
+
+STAGES = ("dense", "prune", "finetune")
+
+
+class NonFiniteError(FloatingPointError):
+    """A training step produced a non-finite loss or gradient."""
+
+
+@dataclasses.dataclass
+class StageResult:
+    state: tj.TrainState
+    masks: Any = None
+
+
+def _jsonl(path: pathlib.Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _host(metrics: dict) -> dict:
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _lr_schedule(base: float, total_steps: int, milestones: tuple, factor: float):
+    boundaries = {int(m * total_steps): factor for m in milestones if 0 < m < 1}
+    return optax.piecewise_constant_schedule(base, boundaries)
+
+
+def _penalty_kwargs(config, params) -> tuple[dict, dict]:
+    p = config.penalty
+    filter_fn = None
+    if p.cnc_layers == "classifier":
+        # The authors' code constrains the final Dense layer only: the last kernel in path order
+        # whose module is a Dense layer.
+        dense = [path for path, _, _ in tj.named_leaves(params) if "Dense" in path]
+        if not dense:
+            raise ValueError("config.penalty.cnc_layers='classifier' needs a Dense classifier.")
+        classifier = dense[-1]
+        filter_fn = functools.partial(_path_is, classifier)
+    elif p.cnc_layers != "all":
+        raise ValueError(f"config.penalty.cnc_layers must be 'all' or 'classifier', "
+                         f"got {p.cnc_layers!r}.")
+    cnc = {"temperature": p.temperature, "delta": p.delta, "form": p.cnc_form,
+           "filter_fn": filter_fn, "reduce": p.reduce}
+    tsc = {"a": p.a, "eps": p.tsc_eps, "normalize": p.normalize}
+    return cnc, tsc
+
+
+def _path_is(target: str, path: str, leaf: Any) -> bool:
+    del leaf
+    return path == target
+
+
+def _make_model(config, train: bool = True):
+    del train
+    return tj.create_model(config.model.name, num_classes=config.num_classes,
+                           **config.model.kwargs.to_dict())
+
+
+def _attack(config):
+    return training.default_attack(config.loss, eps=config.eps, steps=config.attack_steps,
+                                   step_size=config.attack_step_size)
+
+
+def _eval_attack(config):
+    return training.default_attack("pgd_at", eps=config.eps, steps=config.eval.pgd_steps,
+                                   step_size=config.eval.pgd_step_size)
+
+
+def _validate(config) -> None:
+    unknown = [s for s in config.stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"config.stages has unknown stage(s) {unknown}; choose from {STAGES}.")
+    if config.prune.method not in ("hydra", "lwm", "global", "random"):
+        raise ValueError(f"config.prune.method must be 'hydra', 'lwm', 'global' or 'random', got "
+                         f"{config.prune.method!r}.")
+    tj.check_sparsity(config.prune.sparsity, "config.prune.sparsity")
+    if config.batch_size < 1:
+        raise ValueError(f"config.batch_size must be >= 1, got {config.batch_size}.")
+
+
+def _run_loop(
+    stage: str,
+    *,
+    config,
+    workdir: pathlib.Path,
+    state: tj.TrainState,
+    step_fn,
+    eval_fn,
+    data: data_lib.Dataset,
+    epochs: int,
+) -> tj.TrainState:
+    """Trains ``state`` for ``epochs`` epochs with checkpoints, logging and resume."""
+    stage_dir = workdir / stage
+    mgr = checkpoints.manager(stage_dir / "checkpoints", max_to_keep=2)
+    best_mgr = checkpoints.manager(stage_dir / "best", max_to_keep=1)
+    restored = checkpoints.restore_latest(mgr, state)
+    if restored is not None:
+        log.info("%s: resuming from step %d", stage, int(restored.step))
+        state = restored
+    n_train = data.train_images.shape[0]
+    steps_per_epoch = n_train // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"config.batch_size={config.batch_size} exceeds the {n_train} training "
+                         f"examples.")
+    total = epochs * steps_per_epoch
+    start = int(state.step)
+    metrics_path = workdir / "metrics.jsonl"
+    best_val = -math.inf
+    progress = _Progress(stage, total, start, enabled=config.progress)
+    batches = None
+    for global_step in range(start, total):
+        epoch, index = divmod(global_step, steps_per_epoch)
+        if batches is None or index == 0:
+            batches = data_lib.iterate_batches(
+                data.train_images, data.train_labels, config.batch_size, seed=config.seed,
+                epoch=epoch, shuffle=True, augment=config.augment, flip=data.horizontal_flip,
+                start_batch=index)
+        batch = next(batches)
+        state, metrics = step_fn(state, batch)
+        finite = float(metrics["finite"])
+        if finite != 1.0:
+            host = _host(metrics)
+            bad = sorted(k for k, v in host.items() if not math.isfinite(v))
+            raise NonFiniteError(
+                f"{stage}: non-finite values at step {global_step} (epoch {epoch}, batch "
+                f"{index}): {', '.join(bad) or 'gradients'} = "
+                f"{ {k: host[k] for k in bad} }; the state was not updated. Lower the learning "
+                f"rate or the penalty weights.")
+        progress.update(global_step + 1, metrics if (global_step + 1) % config.log_every == 0
+                        else None)
+        if (global_step + 1) % config.log_every == 0:
+            _jsonl(metrics_path, {"stage": stage, "step": global_step + 1, "epoch": epoch,
+                                  **_host(metrics)})
+        if (global_step + 1) % steps_per_epoch == 0:
+            val = eval_fn(state)
+            _jsonl(metrics_path, {"stage": stage, "step": global_step + 1, "epoch": epoch + 1,
+                                  **{f"val_{k}": v for k, v in val.items()}})
+            checkpoints.save(mgr, global_step + 1, state)
+            if val["robust_acc"] > best_val:
+                best_val = val["robust_acc"]
+                checkpoints.save(best_mgr, global_step + 1, state)
+    progress.close()
+    return state
+
+
+class _Progress:
+    """A one-line progress bar with ETA (tqdm when available)."""
+
+    def __init__(self, stage: str, total: int, start: int, enabled: bool):
+        self.bar = None
+        if enabled and total > 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=stage, unit="step",
+                            dynamic_ncols=True)
+        self.last = start
+
+    def update(self, step: int, metrics: dict | None) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(step - self.last)
+        self.last = step
+        if metrics is not None:
+            m = _host(metrics)
+            self.bar.set_postfix(loss=f"{m['loss']:.3f}", adv=f"{m['adv_acc']:.2f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages.
+# ----------------------------------------------------------------------------------------------
+
+
+def _stage_final(workdir: pathlib.Path, stage: str) -> pathlib.Path:
+    return workdir / stage / "final"
+
+
+def _load_final(workdir: pathlib.Path, stage: str, template: tj.TrainState):
+    final_dir = _stage_final(workdir, stage)
+    if not final_dir.exists():
+        return None
+    mgr = checkpoints.manager(final_dir, max_to_keep=1)
+    return checkpoints.restore_latest(mgr, template)
+
+
+def _save_final(workdir: pathlib.Path, stage: str, state: tj.TrainState) -> None:
+    mgr = checkpoints.manager(_stage_final(workdir, stage), max_to_keep=1)
+    checkpoints.save(mgr, int(state.step), state)
+
+
+def _make_eval_fn(config, model, data, *, mode="dense", sparsity=None, use_ema=True):
+    evaluate = jax.jit(training.make_eval_step(model, use_ema=use_ema, attack=_eval_attack(config),
+                                               mode=mode, sparsity=sparsity))
+    n = min(config.eval.num_val, data.val_images.shape[0])
+    x, y = data.val_images[:n], data.val_labels[:n]
+
+    def eval_fn(state):
+        sums = None
+        for batch in data_lib.iterate_batches(x, y, config.batch_size, seed=0, epoch=0,
+                                              shuffle=False, drop_remainder=False):
+            out = jax.device_get(evaluate(state, batch))
+            sums = out if sums is None else {k: sums[k] + out[k] for k in out}
+        return {"clean_acc": float(sums["clean_correct"] / sums["count"]),
+                "robust_acc": float(sums["adv_correct"] / sums["count"])}
+
+    return eval_fn
+
+
+def _dense_stage(config, workdir, model, data) -> tj.TrainState:
+    c = config.dense
+    steps = c.epochs * (data.train_images.shape[0] // config.batch_size)
+    init_model = tj.create_model(config.model.name, num_classes=config.num_classes,
+                                 **config.model.kwargs.to_dict())
+    variables = init_model.init({"params": jax.random.key(config.seed),
+                                 "gates": jax.random.key(config.seed + 1)},
+                                jnp.zeros((1, *data.train_images.shape[1:]), jnp.float32))
+    cnc, tsc = _penalty_kwargs(config, variables["params"])
+    tx = training.make_optimizer(
+        _lr_schedule(c.learning_rate, steps, config.lr_milestones, config.lr_factor),
+        momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
+        cnc_weight=c.cnc_weight, tsc_weight=c.tsc_weight, cnc_kwargs=cnc, tsc_kwargs=tsc)
+    state = training.create_train_state(
+        model, tx, jax.random.key(config.seed + 2), data.train_images.shape[1:],
+        params=variables["params"], batch_stats=variables.get("batch_stats", {}))
+    done = _load_final(workdir, "dense", state)
+    if done is not None:
+        return done
+    step_fn = jax.jit(training.make_train_step(model, tx, loss=config.loss, attack=_attack(config),
+                                               beta=config.beta, ema_decay=config.ema_decay))
+    state = _run_loop("dense", config=config, workdir=workdir, state=state, step_fn=step_fn,
+                      eval_fn=_make_eval_fn(config, model, data), data=data, epochs=c.epochs)
+    _save_final(workdir, "dense", state)
+    return state
+
+
+def _prune_stage(config, workdir, model, data, dense: tj.TrainState):
+    """Returns (params, batch_stats, masks) of the pruned network."""
+    c = config.prune
+    params = dense.ema_params if config.ema_decay is not None else dense.params
+    mask_fns = {"lwm": tj.layerwise_magnitude_masks,
+                "global": functools.partial(tj.global_magnitude_masks, min_kept_per_layer=1),
+                "random": functools.partial(tj.random_masks, key=jax.random.key(config.seed))}
+    if c.method != "hydra":
+        masks = mask_fns[c.method](params, c.sparsity)
+        return params, dense.batch_stats, masks
+    scores = tj.init_scores(params)
+    steps = c.epochs * (data.train_images.shape[0] // config.batch_size)
+    tx = optax.sgd(_lr_schedule(c.learning_rate, max(steps, 1), config.lr_milestones,
+                                config.lr_factor), momentum=c.momentum, nesterov=c.nesterov)
+    state = training.create_train_state(model, tx, jax.random.key(config.seed + 3),
+                                        data.train_images.shape[1:], params=params,
+                                        batch_stats=dense.batch_stats, scores=scores)
+    done = _load_final(workdir, "prune", state)
+    if done is None:
+        step_fn = jax.jit(training.make_train_step(
+            model, tx, loss=config.loss, attack=_attack(config), beta=config.beta,
+            ema_decay=None, mode="scores", sparsity=c.sparsity))
+        eval_fn = _make_eval_fn(config, model, data, mode="scores", sparsity=c.sparsity)
+        done = _run_loop("prune", config=config, workdir=workdir, state=state, step_fn=step_fn,
+                         eval_fn=eval_fn, data=data, epochs=c.epochs)
+        _save_final(workdir, "prune", done)
+    masks = tj.scores_to_masks(done.scores, c.sparsity)
+    return done.params, done.batch_stats, masks
+
+
+def _finetune_stage(config, workdir, model, data, params, batch_stats, masks) -> tj.TrainState:
+    c = config.finetune
+    steps = c.epochs * (data.train_images.shape[0] // config.batch_size)
+    cnc, tsc = _penalty_kwargs(config, params)
+    tx = training.make_optimizer(
+        _lr_schedule(c.learning_rate, max(steps, 1), config.lr_milestones, config.lr_factor),
+        momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
+        cnc_weight=c.cnc_weight, tsc_weight=c.tsc_weight, cnc_kwargs=cnc, tsc_kwargs=tsc,
+        masks=masks)
+    state = training.create_train_state(model, tx, jax.random.key(config.seed + 4),
+                                        data.train_images.shape[1:], params=params,
+                                        batch_stats=batch_stats, masks=masks)
+    done = _load_final(workdir, "finetune", state)
+    if done is not None:
+        return done
+    step_fn = jax.jit(training.make_train_step(model, tx, loss=config.loss, attack=_attack(config),
+                                               beta=config.beta, ema_decay=config.ema_decay))
+    state = _run_loop("finetune", config=config, workdir=workdir, state=state, step_fn=step_fn,
+                      eval_fn=_make_eval_fn(config, model, data), data=data, epochs=c.epochs)
+    _save_final(workdir, "finetune", state)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# Final evaluation and report.
+# ----------------------------------------------------------------------------------------------
+
+
+def spectral_report(params, masks=None) -> dict:
+    """Per-layer kappa (float64) of the (pruned) kernels, and the product of sigma_max."""
+    kappas = tj.tree_condition_numbers(params, masks)
+    sigma_max = {}
+    for name, w, m in tj.named_leaves(params, masks):
+        w = np.asarray(jax.device_get(w), np.float64)
+        if m is not None:
+            w = w * np.asarray(jax.device_get(m), np.float64)
+        sigma_max[name] = float(np.linalg.svd(w.reshape(-1, w.shape[-1]), compute_uv=False)[0])
+    log10 = np.log10(np.array(list(kappas.values()), np.float64))
+    return {"kappa": kappas, "sigma_max": sigma_max,
+            "median_log10_kappa": float(np.median(log10)),
+            "max_log10_kappa": float(np.max(log10)),
+            "lipschitz_upper_bound": float(np.prod(list(sigma_max.values())))}
+
+
+def final_evaluation(config, model, state: tj.TrainState, data, masks=None) -> dict:
+    params = state.ema_params if config.ema_decay is not None else state.params
+    variables = {"params": params}
+    if jax.tree.leaves(state.batch_stats):
+        variables["batch_stats"] = state.batch_stats
+    logits_fn = jax.jit(functools.partial(model.apply, variables, train=False))
+    n = min(config.eval.num_test, data.test_images.shape[0])
+    x = data.test_images[:n].astype(np.float32) / 255.0
+    y = data.test_labels[:n].astype(np.int32)
+    t0 = time.time()
+    pgd_attack = _eval_attack(config)
+    keys = jax.random.split(jax.random.key(config.seed + 5), n)
+    correct_pgd = 0
+    pgd_jit = jax.jit(lambda xb, yb, kb: pgd_attack(logits_fn, xb, yb, kb))
+    for i in range(0, n, config.batch_size):
+        xb, yb = x[i:i + config.batch_size], y[i:i + config.batch_size]
+        x_adv = pgd_jit(xb, yb, keys[i:i + config.batch_size])
+        correct_pgd += int(jnp.sum(jnp.argmax(logits_fn(x_adv), -1) == yb))
+    report = tj.evaluate_robustness(
+        logits_fn, [(x[i:i + config.batch_size], y[i:i + config.batch_size])
+                    for i in range(0, n, config.batch_size)],
+        eps=config.eps, attacks=config.eval.attacks, key=jax.random.key(config.seed + 6),
+        progress=config.progress)
+    sparsity = tj.summarize_sparsity(tj.nonzero_masks(params))
+    result = {
+        "num_test": n,
+        "clean_acc": float(report.clean_accuracy),
+        f"pgd{config.eval.pgd_steps}_acc": correct_pgd / n,
+        "ensemble_acc": float(report.ensemble_robust_accuracy),
+        "per_attack": {k: float(v) for k, v in report.robust_accuracy.items()},
+        "attack_warnings": list(report.warnings),
+        "sparsity": float(sparsity.sparsity),
+        "eval_seconds": time.time() - t0,
+    }
+    result.update(spectral_report(params, masks))
+    return result
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+    """Runs the pipeline of ``config`` in ``workdir`` (resuming) and returns the summary."""
+    _validate(config)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    data = data_lib.load_for_config(config)
+    model = _make_model(config)
+    state = masks = None
+    if "dense" in config.stages:
+        state = _dense_stage(config, workdir, model, data)
+    if "prune" in config.stages:
+        if state is None:
+            raise ValueError("the prune stage needs the dense stage in config.stages.")
+        params, batch_stats, masks = _prune_stage(config, workdir, model, data, state)
+        state = state._replace(params=params, ema_params=params, batch_stats=batch_stats)
+        if "finetune" in config.stages:
+            state = _finetune_stage(config, workdir, model, data, params, batch_stats, masks)
+        else:
+            state = state._replace(params=tj.apply_masks(params, masks),
+                                   ema_params=tj.apply_masks(params, masks))
+    summary = {"config": config.to_dict(), "stages": list(config.stages)}
+    summary.update(final_evaluation(config, model, state, data, masks))
+    summary["wall_seconds"] = time.time() - t0
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    (workdir / "results.md").write_text(results_markdown([summary]))
+    return summary
+
+
+def results_markdown(summaries: list[dict]) -> str:
+    """A results table, one row per run summary."""
+    lines = ["| run | sparsity | clean | PGD | ensemble | median log10 kappa | max log10 kappa | "
+             "prod sigma_max |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in summaries:
+        pgd = next(v for k, v in s.items() if k.startswith("pgd") and k.endswith("_acc"))
+        name = s["config"].get("name", "run")
+        lines.append(
+            f"| {name} | {100 * s['sparsity']:.2f} % | {100 * s['clean_acc']:.2f} | "
+            f"{100 * pgd:.2f} | {100 * s['ensemble_acc']:.2f} | {s['median_log10_kappa']:.2f} | "
+            f"{s['max_log10_kappa']:.2f} | {s['lipschitz_upper_bound']:.3g} |")
+    return "\n".join(lines) + "\n"
