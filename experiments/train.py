@@ -15,7 +15,6 @@ convert them); a progress bar with ETA goes to stdout.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -33,7 +32,7 @@ import optax
 import tscnc_jax as tj
 from experiments import checkpoints
 from experiments import data as data_lib
-from tscnc_jax import training
+from tscnc_jax import spectral, training
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +41,6 @@ STAGES = ("dense", "prune", "finetune")
 
 class NonFiniteError(FloatingPointError):
     """A training step produced a non-finite loss or gradient."""
-
-
-@dataclasses.dataclass
-class StageResult:
-    state: tj.TrainState
-    masks: Any = None
 
 
 def _jsonl(path: pathlib.Path, record: dict) -> None:
@@ -89,8 +82,7 @@ def _path_is(target: str, path: str, leaf: Any) -> bool:
     return path == target
 
 
-def _make_model(config, train: bool = True):
-    del train
+def _make_model(config):
     return tj.create_model(config.model.name, num_classes=config.num_classes,
                            **config.model.kwargs.to_dict())
 
@@ -251,9 +243,7 @@ def _make_eval_fn(config, model, data, *, mode="dense", sparsity=None, use_ema=T
 def _dense_stage(config, workdir, model, data) -> tj.TrainState:
     c = config.dense
     steps = c.epochs * (data.train_images.shape[0] // config.batch_size)
-    init_model = tj.create_model(config.model.name, num_classes=config.num_classes,
-                                 **config.model.kwargs.to_dict())
-    variables = init_model.init({"params": jax.random.key(config.seed),
+    variables = model.init({"params": jax.random.key(config.seed),
                                  "gates": jax.random.key(config.seed + 1)},
                                 jnp.zeros((1, *data.train_images.shape[1:]), jnp.float32))
     cnc, tsc = _penalty_kwargs(config, variables["params"])
@@ -335,13 +325,10 @@ def _finetune_stage(config, workdir, model, data, params, batch_stats, masks) ->
 
 def spectral_report(params, masks=None) -> dict:
     """Per-layer kappa (float64) of the (pruned) kernels, and the product of sigma_max."""
-    kappas = tj.tree_condition_numbers(params, masks)
-    sigma_max = {}
-    for name, w, m in tj.named_leaves(params, masks):
-        w = np.asarray(jax.device_get(w), np.float64)
-        if m is not None:
-            w = w * np.asarray(jax.device_get(m), np.float64)
-        sigma_max[name] = float(np.linalg.svd(w.reshape(-1, w.shape[-1]), compute_uv=False)[0])
+    spectra = spectral.tree_singular_values(params, masks)  # one SVD per kernel
+    kappas = {name: spectral.host_condition_number(s, shape)
+              for name, (s, shape) in spectra.items()}
+    sigma_max = {name: float(s[0]) for name, (s, _) in spectra.items()}
     log10 = np.log10(np.array(list(kappas.values()), np.float64))
     return {"kappa": kappas, "sigma_max": sigma_max,
             "median_log10_kappa": float(np.median(log10)),

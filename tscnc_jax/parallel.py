@@ -55,17 +55,10 @@ def split_batch(batch: PyTree, num_devices: int) -> PyTree:
     Raises ``ValueError`` naming the leaf when ``B`` is not divisible by ``num_devices``.
     """
 
-    def split(path, x):
-        x = np.asarray(x) if not isinstance(x, jax.Array) else x
-        if x.shape[0] % num_devices:
-            raise ValueError(
-                f"batch leaf {jax.tree_util.keystr(path)} has leading size {x.shape[0]}, not "
-                f"divisible by the {num_devices} devices; use a batch size that is a multiple "
-                f"of {num_devices}."
-            )
-        return x.reshape(num_devices, x.shape[0] // num_devices, *x.shape[1:])
-
-    return jax.tree_util.tree_map_with_path(split, batch)
+    _check_divisible(batch, num_devices)
+    return jax.tree.map(
+        lambda x: (x if isinstance(x, jax.Array) else np.asarray(x)).reshape(
+            num_devices, x.shape[0] // num_devices, *x.shape[1:]), batch)
 
 
 def replicate(tree: PyTree, num_devices: int | None = None) -> PyTree:

@@ -167,14 +167,32 @@ def tree_condition_numbers(
     Returns:
       ``{"path/to/kernel": kappa}`` in pytree order.
     """
+    spectra = tree_singular_values(params, masks, filter_fn)
+    return {name: host_condition_number(s, shape) for name, (s, shape) in spectra.items()}
+
+
+def host_condition_number(s: np.ndarray, shape: tuple[int, int]) -> float:
+    """``s[0] / s[-1]`` of descending float64 singular values; ``inf`` if rank deficient."""
+    return float("inf") if _rank_deficient(s, shape, np.float64) else float(s[0] / s[-1])
+
+
+def tree_singular_values(
+    params: Any,
+    masks: Any | None = None,
+    filter_fn: tree_utils.FilterFn | None = None,
+) -> dict[str, tuple[np.ndarray, tuple[int, int]]]:
+    """Host float64 singular values of every (pruned) kernel: ``{path: (s, matrix_shape)}``.
+
+    The one SVD per kernel behind :func:`tree_condition_numbers` and spectral reports (``s[0]`` is
+    the kernel's spectral norm), in pytree order.
+    """
     out = {}
     for name, leaf, mask in tree_utils.named_leaves(params, masks, filter_fn):
         w = np.asarray(jax.device_get(leaf), dtype=np.float64)
         if mask is not None:
             w = w * np.asarray(jax.device_get(mask), dtype=np.float64)
         m = w.reshape(-1, w.shape[-1])
-        s = np.linalg.svd(m, compute_uv=False)
-        out[name] = float("inf") if _rank_deficient(s, m.shape, np.float64) else float(s[0] / s[-1])
+        out[name] = (np.linalg.svd(m, compute_uv=False), m.shape)
     return out
 
 
