@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint pytest bench clean
+.PHONY: demo data test lint pytest bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,9 +13,23 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $(STAMP)
 
-demo: $(STAMP)
-	@echo "make demo: the end-to-end demo (dense TRADES -> prune -> fine-tune with TSCNC) is not yet available."
-	@echo "Until then: python -m benchmarks.penalties (penalty cost) and the README's optax example."
+# The demo's data: Debian's dataset-fashion-mnist package when apt can install it (offline-capable
+# machines carry it in their package mirror), otherwise tensorflow-datasets downloads the files.
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+demo: $(STAMP) data
+	$(BIN)/python -m experiments.demo --workdir=runs/demo
+
+data: $(STAMP)
+	@if [ ! -d $(FMNIST_DIR) ] && command -v apt-get >/dev/null; then \
+	  echo "Installing Debian's dataset-fashion-mnist (into $(FMNIST_DIR))"; \
+	  $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null 2>&1 && \
+	    $(SUDO) apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } || \
+	  echo "apt could not install dataset-fashion-mnist; trying the tfds download instead"; \
+	fi
+	$(BIN)/python -m experiments.data fashion_mnist
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

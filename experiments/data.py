@@ -778,7 +778,8 @@ def load_for_config(config) -> Dataset:
 
     Reads ``config.dataset`` (a name of :data:`DATASETS` or ``"synthetic"``),
     ``config.num_classes``, ``config.seed`` and ``config.data.{manual_dir, data_dir,
-    allow_download, num_val, synthetic_shape, synthetic_train, synthetic_test}``. The validation
+    allow_download, num_val, num_train, synthetic_shape, synthetic_train, synthetic_test}``
+    (``num_train > 0`` keeps a fixed random subset of the training split). The validation
     split is drawn with ``config.data.split_seed`` when present, else 0: it does not change with
     the training seed, so runs with different seeds train and select on the same examples.
     """
@@ -792,7 +793,17 @@ def load_for_config(config) -> Dataset:
         if ds.num_classes != config.num_classes:
             raise ValueError(f"config.num_classes={config.num_classes} but {ds.name} has "
                              f"{ds.num_classes} classes.")
-    return train_val_split(ds, d.num_val, seed=d.get("split_seed", 0))
+    ds = train_val_split(ds, d.num_val, seed=d.get("split_seed", 0))
+    num_train = int(d.get("num_train", 0) or 0)
+    if num_train < 0:
+        raise ValueError(f"config.data.num_train must be >= 0 (0: all), got {num_train}.")
+    if 0 < num_train < len(ds.train_labels):
+        # A subset drawn with the split's seed: the same examples for every training seed.
+        keep = np.sort(np.random.default_rng([_SPLIT_STREAM, 1, _seed(d.get("split_seed", 0))])
+                       .permutation(len(ds.train_labels))[:num_train])
+        ds = dataclasses.replace(ds, train_images=ds.train_images[keep],
+                                 train_labels=ds.train_labels[keep])
+    return ds
 
 
 # ----------------------------------------------------------------------------------------------

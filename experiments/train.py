@@ -6,11 +6,17 @@ stage checkpoints into ``<workdir>/<stage>/checkpoints`` every epoch (orbax, ato
 state. Rerunning the same command resumes: finished stages are loaded, the running one continues
 from its latest checkpoint at the exact batch (the data order is a function of (seed, epoch)).
 
-Outputs in ``workdir``: ``metrics.jsonl`` (one JSON object per logged step or evaluation),
-``summary.json`` and ``results.md`` (clean and robust accuracy per attack, measured sparsity,
-per-layer condition numbers of the pruned kernels, product of sigma_max). TensorBoard event files
-are not written: JSON lines keep the dependency set small (``tensorboard --logdir`` users can
-convert them); a progress bar with ETA goes to stdout.
+Outputs in ``workdir``: ``metrics.jsonl`` (one JSON object per logged step or evaluation), the
+same scalars as TensorBoard event files in ``tensorboard/`` (written without TensorFlow, see
+:mod:`experiments.tensorboard`), ``summary.json`` and ``results.md`` (clean and robust accuracy
+per attack, measured sparsity, per-layer condition numbers of the pruned kernels, product of
+sigma_max), and the PNG figures of :mod:`experiments.plots`. A progress bar with ETA goes to
+stdout.
+
+``config.eval.checkpoint="best"`` hands on, from every stage, the state with the best robust
+accuracy on the validation split (carved from the training data; the test set is never used
+for selection) instead of the stage's last state; both are kept (``<stage>/best``,
+``<stage>/final``).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import logging
 import math
 import pathlib
+import sys
 import time
 from typing import Any
 
@@ -30,7 +37,7 @@ import numpy as np
 import optax
 
 import tscnc_jax as tj
-from experiments import checkpoints
+from experiments import checkpoints, plots, tensorboard
 from experiments import data as data_lib
 from tscnc_jax import spectral, training
 
@@ -77,6 +84,20 @@ def _penalty_kwargs(config, params) -> tuple[dict, dict]:
     return cnc, tsc
 
 
+def _make_tx(config, stage_config, params, steps: int, masks=None):
+    """The stage's optimizer: TSCNC penalties (plain and gated), weight decay, SGD."""
+    c, p = stage_config, config.penalty
+    cnc, tsc = _penalty_kwargs(config, params)
+    gated = {"form": p.gated_form, "a": p.gated_a, "num_train": p.gated_num_train,
+             "weight_decay": p.gated_weight_decay, "lambda0": p.gated_lambda0}
+    return training.make_optimizer(
+        _lr_schedule(c.learning_rate, max(steps, 1), config.lr_milestones, config.lr_factor),
+        momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
+        cnc_weight=c.cnc_weight, tsc_weight=c.tsc_weight, cnc_kwargs=cnc, tsc_kwargs=tsc,
+        gated_tsc_weight=c.gated_tsc_weight, gated_tsc_kwargs=gated, clamp_gates=p.clamp_gates,
+        masks=masks)
+
+
 def _path_is(target: str, path: str, leaf: Any) -> bool:
     del leaf
     return path == target
@@ -98,15 +119,29 @@ def _eval_attack(config):
 
 
 def _validate(config) -> None:
+    if not config.stages:
+        raise ValueError(f"config.stages is empty; choose consecutive stages of {STAGES}.")
     unknown = [s for s in config.stages if s not in STAGES]
     if unknown:
         raise ValueError(f"config.stages has unknown stage(s) {unknown}; choose from {STAGES}.")
+    if config.prune.scope not in ("layer", "global"):
+        raise ValueError(f"config.prune.scope must be 'layer' or 'global', got "
+                         f"{config.prune.scope!r}.")
     if config.prune.method not in ("hydra", "lwm", "global", "random"):
         raise ValueError(f"config.prune.method must be 'hydra', 'lwm', 'global' or 'random', got "
                          f"{config.prune.method!r}.")
     tj.check_sparsity(config.prune.sparsity, "config.prune.sparsity")
     if config.batch_size < 1:
         raise ValueError(f"config.batch_size must be >= 1, got {config.batch_size}.")
+    order = [s for s in STAGES if s in config.stages]
+    if list(config.stages) != order or STAGES[STAGES.index(order[0]):][:len(order)] != tuple(
+            order):
+        raise ValueError(f"config.stages={tuple(config.stages)} must be consecutive stages of "
+                         f"{STAGES}, in that order (earlier stages are loaded from "
+                         f"config.init_dir or the workdir).")
+    if config.eval.checkpoint not in ("final", "best"):
+        raise ValueError(f"config.eval.checkpoint must be 'final' or 'best', got "
+                         f"{config.eval.checkpoint!r}.")
 
 
 def _run_loop(
@@ -136,8 +171,10 @@ def _run_loop(
     total = epochs * steps_per_epoch
     start = int(state.step)
     metrics_path = workdir / "metrics.jsonl"
-    best_val = -math.inf
+    best_path = stage_dir / "best_val.json"
+    best_val = json.loads(best_path.read_text())["robust_acc"] if best_path.exists() else -math.inf
     progress = _Progress(stage, total, start, enabled=config.progress)
+    tb = tensorboard.ScalarWriter(workdir / "tensorboard")
     batches = None
     for global_step in range(start, total):
         epoch, index = divmod(global_step, steps_per_epoch)
@@ -160,18 +197,33 @@ def _run_loop(
         progress.update(global_step + 1, metrics if (global_step + 1) % config.log_every == 0
                         else None)
         if (global_step + 1) % config.log_every == 0:
+            host = _host(metrics)
             _jsonl(metrics_path, {"stage": stage, "step": global_step + 1, "epoch": epoch,
-                                  **_host(metrics)})
+                                  **host})
+            tb.scalars(global_step + 1, {f"{stage}/train/{k}": v for k, v in host.items()})
         if (global_step + 1) % steps_per_epoch == 0:
             val = eval_fn(state)
             _jsonl(metrics_path, {"stage": stage, "step": global_step + 1, "epoch": epoch + 1,
                                   **{f"val_{k}": v for k, v in val.items()}})
+            tb.scalars(global_step + 1, {f"{stage}/val/{k}": v for k, v in val.items()})
             checkpoints.save(mgr, global_step + 1, state)
             if val["robust_acc"] > best_val:
                 best_val = val["robust_acc"]
                 checkpoints.save(best_mgr, global_step + 1, state)
+                _write_atomic(best_path, json.dumps({"step": global_step + 1, **val}))
     progress.close()
+    tb.close()
+    if config.eval.checkpoint == "best" and best_path.exists():
+        best = checkpoints.restore_latest(best_mgr, state)
+        log.info("%s: handing on the best validation state (step %d)", stage, int(best.step))
+        return best
     return state
+
+
+def _write_atomic(path: pathlib.Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 class _Progress:
@@ -183,7 +235,7 @@ class _Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, desc=stage, unit="step",
-                            dynamic_ncols=True)
+                            dynamic_ncols=True, file=sys.stdout)
         self.last = start
 
     def update(self, step: int, metrics: dict | None) -> None:
@@ -222,9 +274,10 @@ def _save_final(workdir: pathlib.Path, stage: str, state: tj.TrainState) -> None
     checkpoints.save(mgr, int(state.step), state)
 
 
-def _make_eval_fn(config, model, data, *, mode="dense", sparsity=None, use_ema=True):
+def _make_eval_fn(config, model, data, *, mode="dense", sparsity=None, scope="layer",
+                  use_ema=True):
     evaluate = jax.jit(training.make_eval_step(model, use_ema=use_ema, attack=_eval_attack(config),
-                                               mode=mode, sparsity=sparsity))
+                                               mode=mode, sparsity=sparsity, scope=scope))
     n = min(config.eval.num_val, data.val_images.shape[0])
     x, y = data.val_images[:n], data.val_labels[:n]
 
@@ -240,33 +293,51 @@ def _make_eval_fn(config, model, data, *, mode="dense", sparsity=None, use_ema=T
     return eval_fn
 
 
-def _dense_stage(config, workdir, model, data) -> tj.TrainState:
-    c = config.dense
-    steps = c.epochs * (data.train_images.shape[0] // config.batch_size)
+def _steps(config, stage_config, data) -> int:
+    return stage_config.epochs * (data.train_images.shape[0] // config.batch_size)
+
+
+def _dense_initial_state(config, model, data):
     variables = model.init({"params": jax.random.key(config.seed),
-                                 "gates": jax.random.key(config.seed + 1)},
-                                jnp.zeros((1, *data.train_images.shape[1:]), jnp.float32))
-    cnc, tsc = _penalty_kwargs(config, variables["params"])
-    tx = training.make_optimizer(
-        _lr_schedule(c.learning_rate, steps, config.lr_milestones, config.lr_factor),
-        momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
-        cnc_weight=c.cnc_weight, tsc_weight=c.tsc_weight, cnc_kwargs=cnc, tsc_kwargs=tsc)
+                            "gates": jax.random.key(config.seed + 1)},
+                           jnp.zeros((1, *data.train_images.shape[1:]), jnp.float32))
+    tx = _make_tx(config, config.dense, variables["params"], _steps(config, config.dense, data))
     state = training.create_train_state(
         model, tx, jax.random.key(config.seed + 2), data.train_images.shape[1:],
         params=variables["params"], batch_stats=variables.get("batch_stats", {}))
+    return state, tx
+
+
+def _finished(source: pathlib.Path, stage: str, template):
+    """The final state of ``stage`` in the run directory ``source``, which must exist."""
+    done = _load_final(source, stage, template)
+    if done is None:
+        raise FileNotFoundError(
+            f"no finished {stage} stage in {_stage_final(source, stage)}: run the {stage} stage "
+            f"first (e.g. --config.stages={stage} with the same --workdir) or point "
+            f"--config.init_dir at a run that finished it.")
+    return done
+
+
+def _dense_stage(config, workdir, model, data) -> tj.TrainState:
+    state, tx = _dense_initial_state(config, model, data)
     done = _load_final(workdir, "dense", state)
     if done is not None:
         return done
     step_fn = jax.jit(training.make_train_step(model, tx, loss=config.loss, attack=_attack(config),
                                                beta=config.beta, ema_decay=config.ema_decay))
     state = _run_loop("dense", config=config, workdir=workdir, state=state, step_fn=step_fn,
-                      eval_fn=_make_eval_fn(config, model, data), data=data, epochs=c.epochs)
+                      eval_fn=_make_eval_fn(config, model, data), data=data,
+                      epochs=config.dense.epochs)
     _save_final(workdir, "dense", state)
     return state
 
 
-def _prune_stage(config, workdir, model, data, dense: tj.TrainState):
-    """Returns (params, batch_stats, masks) of the pruned network."""
+def _prune_stage(config, workdir, model, data, dense: tj.TrainState, *, run: bool = True):
+    """Returns (params, batch_stats, masks) of the pruned network.
+
+    With ``run=False`` a HYDRA score stage must already be finished in ``workdir``.
+    """
     c = config.prune
     params = dense.ema_params if config.ema_decay is not None else dense.params
     mask_fns = {"lwm": tj.layerwise_magnitude_masks,
@@ -282,28 +353,22 @@ def _prune_stage(config, workdir, model, data, dense: tj.TrainState):
     state = training.create_train_state(model, tx, jax.random.key(config.seed + 3),
                                         data.train_images.shape[1:], params=params,
                                         batch_stats=dense.batch_stats, scores=scores)
-    done = _load_final(workdir, "prune", state)
+    done = _load_final(workdir, "prune", state) if run else _finished(workdir, "prune", state)
     if done is None:
         step_fn = jax.jit(training.make_train_step(
             model, tx, loss=config.loss, attack=_attack(config), beta=config.beta,
-            ema_decay=None, mode="scores", sparsity=c.sparsity))
-        eval_fn = _make_eval_fn(config, model, data, mode="scores", sparsity=c.sparsity)
+            ema_decay=None, mode="scores", sparsity=c.sparsity, scope=c.scope))
+        eval_fn = _make_eval_fn(config, model, data, mode="scores", sparsity=c.sparsity,
+                                scope=c.scope)
         done = _run_loop("prune", config=config, workdir=workdir, state=state, step_fn=step_fn,
                          eval_fn=eval_fn, data=data, epochs=c.epochs)
         _save_final(workdir, "prune", done)
-    masks = tj.scores_to_masks(done.scores, c.sparsity)
+    masks = tj.scores_to_masks(done.scores, c.sparsity, scope=c.scope)
     return done.params, done.batch_stats, masks
 
 
 def _finetune_stage(config, workdir, model, data, params, batch_stats, masks) -> tj.TrainState:
-    c = config.finetune
-    steps = c.epochs * (data.train_images.shape[0] // config.batch_size)
-    cnc, tsc = _penalty_kwargs(config, params)
-    tx = training.make_optimizer(
-        _lr_schedule(c.learning_rate, max(steps, 1), config.lr_milestones, config.lr_factor),
-        momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
-        cnc_weight=c.cnc_weight, tsc_weight=c.tsc_weight, cnc_kwargs=cnc, tsc_kwargs=tsc,
-        masks=masks)
+    tx = _make_tx(config, config.finetune, params, _steps(config, config.finetune, data), masks)
     state = training.create_train_state(model, tx, jax.random.key(config.seed + 4),
                                         data.train_images.shape[1:], params=params,
                                         batch_stats=batch_stats, masks=masks)
@@ -313,7 +378,8 @@ def _finetune_stage(config, workdir, model, data, params, batch_stats, masks) ->
     step_fn = jax.jit(training.make_train_step(model, tx, loss=config.loss, attack=_attack(config),
                                                beta=config.beta, ema_decay=config.ema_decay))
     state = _run_loop("finetune", config=config, workdir=workdir, state=state, step_fn=step_fn,
-                      eval_fn=_make_eval_fn(config, model, data), data=data, epochs=c.epochs)
+                      eval_fn=_make_eval_fn(config, model, data), data=data,
+                      epochs=config.finetune.epochs)
     _save_final(workdir, "finetune", state)
     return state
 
@@ -379,27 +445,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     _validate(config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    source = pathlib.Path(config.init_dir) if config.init_dir else workdir
     t0 = time.time()
     data = data_lib.load_for_config(config)
     model = _make_model(config)
-    state = masks = None
-    if "dense" in config.stages:
+    stages = config.stages
+    if "dense" in stages:
         state = _dense_stage(config, workdir, model, data)
-    if "prune" in config.stages:
-        if state is None:
-            raise ValueError("the prune stage needs the dense stage in config.stages.")
-        params, batch_stats, masks = _prune_stage(config, workdir, model, data, state)
-        state = state._replace(params=params, ema_params=params, batch_stats=batch_stats)
-        if "finetune" in config.stages:
+    else:
+        state = _finished(source, "dense", _dense_initial_state(config, model, data)[0])
+    masks, before = None, None
+    if "prune" in stages or "finetune" in stages:
+        dense_params = state.ema_params if config.ema_decay is not None else state.params
+        before = spectral_report(dense_params)
+        params, batch_stats, masks = _prune_stage(
+            config, workdir if "prune" in stages else source, model, data, state,
+            run="prune" in stages)
+        state = state._replace(params=tj.apply_masks(params, masks),
+                               ema_params=tj.apply_masks(params, masks), batch_stats=batch_stats)
+        if "finetune" in stages:
             state = _finetune_stage(config, workdir, model, data, params, batch_stats, masks)
-        else:
-            state = state._replace(params=tj.apply_masks(params, masks),
-                                   ema_params=tj.apply_masks(params, masks))
-    summary = {"config": config.to_dict(), "stages": list(config.stages)}
+    summary = {"config": config.to_dict(), "stages": list(stages),
+               "evaluated_step": int(state.step)}
     summary.update(final_evaluation(config, model, state, data, masks))
+    if before is not None:
+        summary["dense_kappa"] = before["kappa"]
+        summary["dense_sigma_max"] = before["sigma_max"]
     summary["wall_seconds"] = time.time() - t0
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    (workdir / "results.md").write_text(results_markdown([summary]))
+    _write_atomic(workdir / "summary.json", json.dumps(summary, indent=2, default=str))
+    _write_atomic(workdir / "results.md", results_markdown([summary]))
+    if config.plots:
+        plots.run_plots(workdir, summary)
     return summary
 
 

@@ -19,8 +19,11 @@ import pytest
 from experiments import checkpoints, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = sorted(p.stem for p in (ROOT / "experiments" / "configs").glob("*.py")
-                 if p.stem not in ("__init__", "base"))
+METHODS = sorted(p.stem for p in (ROOT / "experiments" / "configs").glob("*.py")
+                 if p.stem not in ("__init__", "base", "demo"))
+# Every method on Fashion-MNIST shapes, and the CIFAR/SVHN presets (VGG-16-BN, gated WRN).
+SMOKE_RUNS = [(m, "smoke") for m in METHODS] + [("hydra_tscnc", "cifar10,smoke"),
+                                                 ("tscnc_authors", "svhn_cropped,smoke")]
 
 
 def _config(name, variant="smoke"):
@@ -35,10 +38,28 @@ def _main(config_arg, workdir, *extra):
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def test_every_method_has_a_documented_config():
+    assert set(METHODS) == {"dense_pgd_at", "dense_trades", "lwm", "hydra", "hydra_tsc",
+                            "hydra_cnc", "hydra_tscnc", "tscnc_authors"}
+    for name in METHODS:
+        module = importlib.import_module(f"experiments.configs.{name}")
+        assert f"configs/{name}.py" in module.__doc__ and "minutes" in module.__doc__
+        for dataset in ("fashion_mnist", "mnist", "cifar10", "svhn_cropped"):
+            config = module.get_config(dataset)
+            assert config.dataset == dataset and config.name == name
+    with pytest.raises(ValueError, match="imagenet"):
+        _config("hydra", "imagenet")
+    cifar = _config("hydra", "cifar10")
+    assert cifar.model.name == "vgg" and cifar.augment and abs(cifar.eps - 8 / 255) < 1e-12
+    authors = _config("tscnc_authors", "cifar10")
+    assert authors.model.name == "wide_resnet" and authors.model.kwargs.gated
+    assert authors.stages == ("dense", "prune") and authors.penalty.gated_form == "authors_code"
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", CONFIGS)
-def test_smoke_config_runs_end_to_end(name, tmp_path):
-    config = _config(name)
+@pytest.mark.parametrize("name,variant", SMOKE_RUNS)
+def test_smoke_config_runs_end_to_end(name, variant, tmp_path):
+    config = _config(name, variant)
     summary = train.train_and_evaluate(config, tmp_path)
     assert 0.0 <= summary["ensemble_acc"] <= summary["clean_acc"] <= 1.0
     if "prune" in config.stages:
@@ -47,6 +68,9 @@ def test_smoke_config_runs_end_to_end(name, tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert lines and all(json.loads(line)["stage"] in train.STAGES for line in lines)
     assert summary["lipschitz_upper_bound"] > 0 and summary["median_log10_kappa"] >= 0
+    events = [e for f in (tmp_path / "tensorboard").iterdir() for e in _read_event_file(f)]
+    tags = {tag for _, _, scalars in events for tag in scalars}
+    assert f"{config.stages[-1]}/val/robust_acc" in tags
 
 
 def _final_params(workdir, template):
@@ -56,7 +80,7 @@ def _final_params(workdir, template):
 
 @pytest.mark.slow
 def test_sigkill_and_rerun_gives_identical_params(tmp_path):
-    config_arg = str(ROOT / "experiments" / "configs" / "fmnist_hydra_tscnc.py") + ":smoke"
+    config_arg = str(ROOT / "experiments" / "configs" / "hydra_tscnc.py") + ":smoke"
     extra = ("--config.dense.epochs=3",)
     reference = _main(config_arg, tmp_path / "ref", *extra)
     assert reference.wait(timeout=900) == 0, reference.stderr.read()[-3000:]
@@ -95,21 +119,27 @@ def _checkpoint_tree(workdir):
 
 
 def test_unknown_config_key_is_rejected(tmp_path):
-    config_arg = str(ROOT / "experiments" / "configs" / "fmnist_hydra.py") + ":smoke"
+    config_arg = str(ROOT / "experiments" / "configs" / "hydra.py") + ":smoke"
     proc = _main(config_arg, tmp_path, "--config.dense.lerning_rate=0.1")
     assert proc.wait(timeout=120) != 0
     assert "lerning_rate" in proc.stderr.read()
-    config = _config("fmnist_hydra")
+    config = _config("hydra")
     with pytest.raises(AttributeError, match="lerning_rate"):
         config.dense.lerning_rate = 0.1
     config.stages = ("dense", "distill")
     with pytest.raises(ValueError, match="distill"):
         train.train_and_evaluate(config, tmp_path)
+    config.stages = ("dense", "finetune")
+    with pytest.raises(ValueError, match="consecutive"):
+        train.train_and_evaluate(config, tmp_path)
+    config.stages = ("prune", "finetune")  # the dense stage has not run in tmp_path
+    with pytest.raises(FileNotFoundError, match="--config.stages=dense"):
+        train.train_and_evaluate(config, tmp_path)
 
 
 @pytest.mark.slow
 def test_nan_stops_with_step_and_term(tmp_path):
-    config = _config("fmnist_hydra")
+    config = _config("hydra")
     config.dense.learning_rate = 1e30
     with pytest.raises(train.NonFiniteError, match=r"dense: non-finite values at step \d+"):
         train.train_and_evaluate(config, tmp_path)
@@ -143,3 +173,108 @@ def test_corrupted_latest_checkpoint_falls_back_loudly(tmp_path, caplog):
             f.write_bytes(b"\0" * 7)
     with pytest.raises(checkpoints.CheckpointError, match="could be restored"):
         checkpoints.restore_latest(checkpoints.manager(tmp_path), template)
+
+
+@pytest.mark.slow
+def test_demo_stage_by_stage_equals_one_command(tmp_path):
+    from experiments import demo
+
+    table = demo.run(tmp_path / "demo", smoke=True)
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == [
+        "demo_dense", "demo_hydra", "demo_hydra_tscnc"]
+    for name in ("results.md", "kappa_vs_layer.png"):
+        assert (tmp_path / "demo" / name).stat().st_size > 0
+    # The hydra branch (stages prune + finetune from the dense run's checkpoint) equals the same
+    # pipeline run as one command in one workdir.
+    config = _config("demo", "hydra,smoke")
+    config.stages = ("dense", "prune", "finetune")
+    config.plots = True
+    summary = train.train_and_evaluate(config, tmp_path / "one")
+    a = jax.tree.leaves(_checkpoint_tree(tmp_path / "demo" / "hydra"))
+    b = jax.tree.leaves(_checkpoint_tree(tmp_path / "one"))
+    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    branch = json.loads((tmp_path / "demo" / "hydra" / "summary.json").read_text())
+    assert branch["clean_acc"] == summary["clean_acc"]
+    assert set(summary["dense_kappa"]) == set(summary["kappa"])
+    for name in ("accuracy.png", "kappa_layers.png"):
+        assert (tmp_path / "one" / name).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_best_checkpoint_is_handed_on(tmp_path):
+    config = _config("dense_trades")
+    config.dense.epochs = 3
+    config.eval.checkpoint = "best"
+    summary = train.train_and_evaluate(config, tmp_path)
+    best = json.loads((tmp_path / "dense" / "best_val.json").read_text())
+    assert summary["evaluated_step"] == best["step"]
+    vals = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+            if "val_robust_acc" in r]
+    assert len(vals) == 3
+    assert best["robust_acc"] == max(r["val_robust_acc"] for r in vals)
+    first_best = next(r["step"] for r in vals if r["val_robust_acc"] == best["robust_acc"])
+    assert best["step"] == first_best
+
+
+def _read_event_file(path):
+    """An independent reader: TFRecord frames with CRC checks, minimal protobuf decoding."""
+    import struct
+
+    from experiments.tensorboard import masked_crc32c
+
+    def varint(buf, i):
+        shift = value = 0
+        while True:
+            b = buf[i]
+            value |= (b & 0x7F) << shift
+            i, shift = i + 1, shift + 7
+            if not b & 0x80:
+                return value, i
+
+    def fields(buf):
+        i, out = 0, []
+        while i < len(buf):
+            key, i = varint(buf, i)
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                value, i = varint(buf, i)
+            elif wire == 1:
+                value, i = buf[i:i + 8], i + 8
+            elif wire == 5:
+                value, i = buf[i:i + 4], i + 4
+            else:
+                n, i = varint(buf, i)
+                value, i = buf[i:i + n], i + n
+            out.append((number, value))
+        return out
+
+    data, i, events = path.read_bytes(), 0, []
+    while i < len(data):
+        header = data[i:i + 8]
+        (n,) = struct.unpack("<Q", header)
+        assert struct.unpack("<I", data[i + 8:i + 12])[0] == masked_crc32c(header)
+        payload = data[i + 12:i + 12 + n]
+        assert struct.unpack("<I", data[i + 12 + n:i + 16 + n])[0] == masked_crc32c(payload)
+        i += 16 + n
+        event = dict(fields(payload))
+        scalars = {}
+        for number, value in fields(event.get(5, b"")):
+            assert number == 1
+            v = dict(fields(value))
+            scalars[v[1].decode()] = struct.unpack("<f", v[2])[0]
+        events.append((event[2], event.get(3), scalars))
+    return events
+
+
+def test_tensorboard_event_file_round_trips(tmp_path):
+    from experiments.tensorboard import ScalarWriter, crc32c
+
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    writer = ScalarWriter(tmp_path)
+    writer.scalars(5, {"dense/train/loss": 1.25, "dense/val/robust_acc": 0.5})
+    writer.scalars(2**40, {"x": -3.0})
+    writer.close()
+    events = _read_event_file(writer.path)
+    assert events[0] == (0, b"brain.Event:2", {})
+    assert events[1] == (5, None, {"dense/train/loss": 1.25, "dense/val/robust_acc": 0.5})
+    assert events[2] == (2**40, None, {"x": -3.0})

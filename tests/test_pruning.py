@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+import tscnc_jax as tj
 from tscnc_jax import pruning
 from tscnc_jax.schedules import IterativeSchedule, OneShotSchedule, PolynomialSchedule
 from tscnc_jax.tree_utils import apply_masks
@@ -608,3 +609,26 @@ def test_docstring_examples():
 
     result = doctest.testmod(pruning, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_scores_to_masks_global_scope():
+    rng = np.random.default_rng(0)
+    params = {"c": jnp.asarray(rng.standard_normal((3, 3, 1, 32))),
+              "d": jnp.asarray(rng.standard_normal((3136, 128)) * 0.02)}
+    scores = tj.init_scores(params)
+    layer = tj.scores_to_masks(scores, 0.99)
+    glob = tj.scores_to_masks(scores, 0.99, scope="global")
+    n = 288 + 3136 * 128
+    kept = int(sum(np.sum(m) for m in jax.tree.leaves(glob)))
+    assert kept == n - tj.num_to_prune(n, 0.99)
+    assert int(np.sum(layer["c"])) == 288 - tj.num_to_prune(288, 0.99) == 2
+    # HYDRA's sqrt(6 / fan_in) scaling ranks the 9-fan-in conv above the 3136-fan-in Dense.
+    assert int(np.sum(glob["c"])) > 100
+    ref = tj.global_magnitude_masks(scores, 0.99, filter_fn=lambda p, x: True,
+                                    min_kept_per_layer=1)
+    for a, b in zip(jax.tree.leaves(glob), jax.tree.leaves(ref), strict=True):
+        np.testing.assert_array_equal(a, b)
+    masked = tj.masked_params_from_scores(params, scores, 0.99, scope="global")
+    np.testing.assert_array_equal(np.asarray(masked["d"]) != 0, np.asarray(glob["d"]))
+    with pytest.raises(ValueError, match="scope"):
+        tj.scores_to_masks(scores, 0.99, scope="per_channel")

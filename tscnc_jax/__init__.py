@@ -5,7 +5,7 @@ and Compact Deep Neural Networks", arXiv 2503.20454): a smooth condition-number 
 and a transformed sparse constraint (TSC) for adversarially trained, heavily pruned networks.
 """
 
-from tscnc_jax import parallel
+from tscnc_jax import parallel, spectral_tracking
 from tscnc_jax.attacks import (
     AUTOATTACK_ATTACKS,
     AUTOATTACK_FAST,
@@ -40,6 +40,7 @@ from tscnc_jax.penalties import (
     DEFAULT_DELTA,
     DEFAULT_TEMPERATURE,
     condition_number_penalty,
+    gated_sparsity_penalty,
     transformed_sparsity_penalty,
 )
 from tscnc_jax.pruning import (
@@ -87,6 +88,11 @@ from tscnc_jax.spectral import (
     smooth_log_condition_number,
     tree_condition_numbers,
 )
+from tscnc_jax.spectral_tracking import (
+    TrackedConditionNumberPenaltyState,
+    add_tracked_condition_number_penalty,
+    tracked_condition_number_penalty,
+)
 from tscnc_jax.training import (
     TrainState,
     create_train_state,
@@ -102,7 +108,9 @@ from tscnc_jax.transforms import (
     ConditionNumberPenaltyState,
     SparsityPenaltyState,
     add_condition_number_penalty,
+    add_gated_sparsity_penalty,
     add_transformed_sparsity_penalty,
+    clamp_log_alpha_updates,
     penalty_values,
     tscnc,
 )
@@ -131,8 +139,11 @@ __all__ = [
     "RobustnessReport",
     "SparsityPenaltyState",
     "SparsitySummary",
+    "TrackedConditionNumberPenaltyState",
     "TrainState",
     "add_condition_number_penalty",
+    "add_gated_sparsity_penalty",
+    "add_tracked_condition_number_penalty",
     "add_transformed_sparsity_penalty",
     "apgd",
     "apgd_ce",
@@ -145,6 +156,7 @@ __all__ = [
     "check_masks",
     "check_sparsity",
     "clamp_log_alpha",
+    "clamp_log_alpha_updates",
     "condition_number",
     "condition_number_penalty",
     "create_model",
@@ -155,6 +167,7 @@ __all__ = [
     "ema_update",
     "evaluate_robustness",
     "fgsm",
+    "gated_sparsity_penalty",
     "gated_tsc_penalty",
     "get_attack",
     "global_channel_masks",
@@ -190,11 +203,13 @@ __all__ = [
     "singular_values",
     "smooth_log_condition_number",
     "sparsify",
+    "spectral_tracking",
     "square",
     "summarize_sparsity",
     "topk_mask",
     "topk_mask_ste",
     "trades_loss",
+    "tracked_condition_number_penalty",
     "transformed_l1",
     "transformed_sparsity_penalty",
     "tree_condition_numbers",

@@ -126,3 +126,55 @@ def _reduce(terms: list[Array], reduce: str) -> Array:
     dtype = jnp.result_type(*terms)
     stacked = jnp.stack([t.astype(dtype) for t in terms])
     return jnp.mean(stacked) if reduce == "mean" else jnp.sum(stacked)
+
+
+def gated_sparsity_penalty(
+    params: Any,
+    *,
+    form: Literal["textbook", "authors_code"] = "textbook",
+    a: float = 100.0,
+    num_train: int = 50_000,
+    weight_decay: float = 5e-4,
+    lambda0: float = 1e-3,
+    prior_keep: float = 0.7,
+    masks: Any | None = None,
+) -> Array:
+    r"""Gated (structured) TSC summed over every hard-concrete-gated conv of ``params``.
+
+    A gated conv is a sub-tree holding ``log_alpha`` (one gate per output channel) next to
+    ``conv/kernel``, the layout of :class:`tscnc_jax.models.GatedConv`. Each contributes
+    :func:`tscnc_jax.gated_tsc_penalty` of its kernel (masked when ``masks`` prunes it), with the
+    keyword arguments given here; ``form="authors_code"`` is the TSCNC authors' variant with the
+    pole at ``u = a`` (see that function). Multiply by the global weight ``lambda`` yourself.
+
+    Returns:
+      A scalar (0 when ``params`` has no gated conv).
+
+    Raises:
+      ValueError: a ``log_alpha`` leaf without a ``conv/kernel`` sibling.
+    """
+    if form not in ("textbook", "authors_code"):
+        raise ValueError(f"`form` must be 'textbook' or 'authors_code', got {form!r}.")
+    for name, value in (("a", a), ("num_train", num_train), ("prior_keep", prior_keep)):
+        spectral.check_nonnegative(name, value, strict=True)
+    spectral.check_nonnegative("weight_decay", weight_decay)
+    spectral.check_nonnegative("lambda0", lambda0)
+    tree_utils.check_masks(params, masks)
+    flat = {tree_utils.path_to_str(p): leaf
+            for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    mask_of = {}
+    if masks is not None:
+        mask_leaves = jax.tree_util.tree_leaves(masks, is_leaf=lambda x: x is None)
+        mask_of = dict(zip(flat, mask_leaves, strict=True))
+    terms = []
+    for path, log_alpha in flat.items():
+        if path.rsplit("/", 1)[-1] != "log_alpha":
+            continue
+        kernel_path = path[: -len("log_alpha")] + "conv/kernel"
+        if kernel_path not in flat:
+            raise ValueError(f"gate parameters {path!r} have no kernel at {kernel_path!r}; gated "
+                             f"convs must follow the layout of tscnc_jax.models.GatedConv.")
+        terms.append(sparsity.gated_tsc_penalty(
+            flat[kernel_path], log_alpha, a=a, num_train=num_train, weight_decay=weight_decay,
+            lambda0=lambda0, prior_keep=prior_keep, form=form, mask=mask_of.get(kernel_path)))
+    return _reduce(terms, "sum")

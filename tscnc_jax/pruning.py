@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -631,16 +631,35 @@ def topk_mask_ste(score: Array, sparsity: Any) -> Array:
     return _straight_through(score, keep)
 
 
-def scores_to_masks(scores: PyTree, sparsity: Any) -> PyTree:
-    """Boolean masks from HYDRA scores: per leaf, keep the top-k of ``|score|`` (exact k).
+def scores_to_masks(
+    scores: PyTree,
+    sparsity: Any,
+    *,
+    scope: Literal["layer", "global"] = "layer",
+    min_kept_per_layer: int = 1,
+) -> PyTree:
+    """Boolean masks from HYDRA scores: keep the top-k of ``|score|`` (exact k).
 
-    Every non-``None`` leaf of ``scores`` is pruned to ``sparsity`` (the same keep ratio in every
-    layer, as in HYDRA). The result is a masks tree for :func:`apply_masks` or
-    :func:`sparsify` ``(..., masks=...)`` (fine-tuning with the mask fixed).
+    ``scope="layer"`` (HYDRA's rule) prunes every non-``None`` leaf of ``scores`` to
+    ``sparsity``: the same keep ratio in every layer. ``scope="global"`` ranks all scores
+    together (as :func:`global_magnitude_masks`, keeping at least ``min_kept_per_layer`` per
+    leaf), so the total count is exact while small layers can keep more: with HYDRA's
+    initialisation ``sqrt(6 / fan_in) * W / max|W|`` the ranking favours low-fan-in layers. At
+    99 % a layer-wise rule leaves a 3x3x1x32 first conv 3 of its 288 weights, i.e. at most three
+    live channels; the global rule does not. The result is a masks tree for
+    :func:`apply_masks` or :func:`sparsify` ``(..., masks=...)`` (fine-tuning with the mask
+    fixed).
     """
-    return layerwise_magnitude_masks(
-        lax.stop_gradient(scores), sparsity, filter_fn=lambda path, leaf: True
-    )
+    def every_leaf(path, leaf):
+        return True
+
+    scores = lax.stop_gradient(scores)
+    if scope == "layer":
+        return layerwise_magnitude_masks(scores, sparsity, filter_fn=every_leaf)
+    if scope == "global":
+        return global_magnitude_masks(scores, sparsity, filter_fn=every_leaf,
+                                      min_kept_per_layer=min_kept_per_layer)
+    raise ValueError(f"`scope` must be 'layer' or 'global', got {scope!r}.")
 
 
 def masked_params_from_scores(
@@ -649,6 +668,7 @@ def masked_params_from_scores(
     sparsity: Any,
     *,
     freeze_weights: bool = True,
+    scope: Literal["layer", "global"] = "layer",
 ) -> PyTree:
     r"""Parameters as the network sees them while HYDRA trains the scores.
 
@@ -667,11 +687,13 @@ def masked_params_from_scores(
       scores: tree with ``params``' structure, ``None`` for unscored leaves (:func:`init_scores`).
       sparsity: fraction removed per scored leaf, ``[0, 1)``.
       freeze_weights: stop gradients to ``params``.
+      scope: ``"layer"`` or ``"global"`` top-k, as in :func:`scores_to_masks`.
     """
     check_sparsity(sparsity)
     _, leaves, score_leaves, treedef = _flatten(params, scores, name="scores")
     # All leaves' top-k in one selection loop; same masks as topk_mask_ste leaf by leaf.
-    keep_leaves = jax.tree_util.tree_leaves(scores_to_masks(scores, sparsity), is_leaf=_is_none)
+    keep_leaves = jax.tree_util.tree_leaves(scores_to_masks(scores, sparsity, scope=scope),
+                                            is_leaf=_is_none)
     out = []
     for w, s, keep in zip(leaves, score_leaves, keep_leaves, strict=True):
         if w is None:

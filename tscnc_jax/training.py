@@ -198,6 +198,9 @@ def make_optimizer(
     tsc_weight: optax.ScalarOrSchedule = 0.0,
     cnc_kwargs: dict | None = None,
     tsc_kwargs: dict | None = None,
+    gated_tsc_weight: optax.ScalarOrSchedule = 0.0,
+    gated_tsc_kwargs: dict | None = None,
+    clamp_gates: bool = False,
     masks: PyTree | None = None,
 ) -> optax.GradientTransformation:
     """SGD with TSCNC: ``chain(tscnc penalties, add_decayed_weights, sgd)``, optionally pruned.
@@ -208,20 +211,35 @@ def make_optimizer(
     weight leaves the penalty out of the chain entirely (no SVD cost). With ``masks`` the whole
     chain is wrapped by :func:`tscnc_jax.sparsify` (fixed masks: fine-tuning of a pruned network;
     the penalties then see the pruned kernels).
+
+    The authors' code's structured variant: ``gated_tsc_weight`` adds
+    :func:`tscnc_jax.add_gated_sparsity_penalty` (``gated_tsc_kwargs``: ``form``, ``a``,
+    ``num_train``, ...) and ``clamp_gates`` keeps hard-concrete ``log_alpha`` in
+    ``[log 0.01, log 100]`` after every step. Weight decay never applies to ``log_alpha``.
     """
     parts = []
+    if callable(gated_tsc_weight) or gated_tsc_weight != 0:
+        parts.append(transforms.add_gated_sparsity_penalty(gated_tsc_weight,
+                                                           **(gated_tsc_kwargs or {})))
     if callable(tsc_weight) or tsc_weight != 0:
         parts.append(transforms.add_transformed_sparsity_penalty(tsc_weight,
                                                                  **(tsc_kwargs or {"a": 1.0})))
     if callable(cnc_weight) or cnc_weight != 0:
         parts.append(transforms.add_condition_number_penalty(cnc_weight, **(cnc_kwargs or {})))
     if weight_decay:
-        parts.append(optax.add_decayed_weights(weight_decay))
+        parts.append(optax.add_decayed_weights(weight_decay, mask=_not_gates))
     parts.append(optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov))
+    if clamp_gates:
+        parts.append(transforms.clamp_log_alpha_updates())
     tx = optax.chain(*parts)
     if masks is not None:
         tx = pruning.sparsify(tx, masks=masks)
     return tx
+
+
+def _not_gates(params: PyTree) -> PyTree:
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: tree_utils.path_to_str(path).rsplit("/", 1)[-1] != "log_alpha", params)
 
 
 def ema_update(ema: PyTree, params: PyTree, step: jax.Array, decay: float) -> PyTree:
@@ -267,6 +285,7 @@ def make_train_step(
     ema_decay: float | None = 0.99,
     mode: Literal["dense", "scores"] = "dense",
     sparsity: float | None = None,
+    scope: Literal["layer", "global"] = "layer",
     axis_name: str | None = None,
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """Builds the per-device training step ``step(state, batch) -> (state, metrics)``.
@@ -284,6 +303,8 @@ def make_train_step(
         wrapped by :func:`tscnc_jax.sparsify`); ``"scores"`` trains the HYDRA ``scores`` with
         the weights frozen and masks ``top-k(|scores|)`` at ``sparsity``.
       sparsity: fraction of weights removed in ``"scores"`` mode.
+      scope: ``"layer"`` (HYDRA: the same keep ratio per layer) or ``"global"`` top-k of the
+        scores in ``"scores"`` mode (see :func:`tscnc_jax.scores_to_masks`).
       axis_name: the mapped axis name when run under ``pmap`` / ``shard_map``: gradients,
         BatchNorm statistics and metrics are averaged over it and the step's key is folded with
         the device index.
@@ -312,7 +333,8 @@ def make_train_step(
 
     def effective_params(state: TrainState, trainable: PyTree) -> PyTree:
         if mode == "scores":
-            return pruning.masked_params_from_scores(state.params, trainable, sparsity)
+            return pruning.masked_params_from_scores(state.params, trainable, sparsity,
+                                                     scope=scope)
         return trainable
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -419,6 +441,7 @@ def make_eval_step(
     attack: Callable | None = None,
     mode: Literal["dense", "scores"] = "dense",
     sparsity: float | None = None,
+    scope: Literal["layer", "global"] = "layer",
     axis_name: str | None = None,
 ) -> Callable[[TrainState, dict], dict]:
     """Builds ``eval_step(state, batch) -> metrics`` (sums, so that batches can be added).
@@ -431,7 +454,7 @@ def make_eval_step(
     def step(state: TrainState, batch: dict) -> dict:
         x, y = batch["image"], batch["label"]
         if mode == "scores":
-            masks = pruning.scores_to_masks(state.scores, sparsity)
+            masks = pruning.scores_to_masks(state.scores, sparsity, scope=scope)
             params = tree_utils.apply_masks(state.params, masks)
         else:
             params = state.ema_params if use_ema else state.params

@@ -18,6 +18,8 @@ every callable argument as a schedule.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tscnc_jax import penalties, spectral, tree_utils
+from tscnc_jax import penalties, spectral, spectral_tracking, tree_utils
 
 
 class ConditionNumberPenaltyState(NamedTuple):
@@ -55,7 +57,8 @@ def penalty_values(opt_state: Any) -> dict[str, jax.Array]:
     a penalty occurs more than once, e.g. under :func:`optax.multi_transform`).
     """
     found: dict[str, jax.Array] = {}
-    kinds = {ConditionNumberPenaltyState: "cnc", SparsityPenaltyState: "tsc"}
+    kinds = {ConditionNumberPenaltyState: "cnc", SparsityPenaltyState: "tsc",
+             spectral_tracking.TrackedConditionNumberPenaltyState: "cnc"}
 
     def visit(node):
         kind = kinds.get(type(node))
@@ -177,6 +180,60 @@ def add_transformed_sparsity_penalty(
     return _add_penalty_gradient(
         penalty_fn, weight, "add_transformed_sparsity_penalty", SparsityPenaltyState
     )
+
+
+def add_gated_sparsity_penalty(
+    weight: optax.ScalarOrSchedule,
+    *,
+    form: Literal["textbook", "authors_code"] = "textbook",
+    a: float = 100.0,
+    num_train: int = 50_000,
+    weight_decay: float = 5e-4,
+    lambda0: float = 1e-3,
+    prior_keep: float = 0.7,
+    masks: Any | None = None,
+) -> optax.GradientTransformation:
+    r"""Adds ``weight * grad(gated_sparsity_penalty)(params)`` to the updates (gated TSC).
+
+    The structured TSC of the authors' code, over every hard-concrete-gated conv (see
+    :func:`tscnc_jax.gated_sparsity_penalty`); its gradient reaches both the kernels and the
+    gates' ``log_alpha``. Chain :func:`clamp_log_alpha_updates` after the optimizer to keep the
+    gates in the authors' range. The state is a :class:`SparsityPenaltyState`, so
+    :func:`penalty_values` reports the value as ``"tsc"``.
+    """
+    kwargs = dict(form=form, a=a, num_train=num_train, weight_decay=weight_decay,
+                  lambda0=lambda0, prior_keep=prior_keep, masks=masks)
+    penalties.gated_sparsity_penalty({}, **kwargs)  # validates the arguments
+
+    return _add_penalty_gradient(
+        functools.partial(penalties.gated_sparsity_penalty, **kwargs), weight,
+        "add_gated_sparsity_penalty", SparsityPenaltyState)
+
+
+def clamp_log_alpha_updates(lo: float = math.log(0.01),
+                            hi: float = math.log(100.0)) -> optax.GradientTransformation:
+    """Turns the updates of every ``log_alpha`` leaf into ``clip(p + u, lo, hi) - p``.
+
+    Place it last in the chain: after ``optax.apply_updates`` the gates lie in ``[lo, hi]``
+    (``[log 0.01, log 100]`` by default), which is the authors' code's per-step
+    ``constrain_parameters``. Other leaves pass through unchanged. Stateless.
+    """
+    if not lo < hi:
+        raise ValueError(f"clamp_log_alpha_updates needs lo < hi, got lo={lo!r}, hi={hi!r}.")
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError("clamp_log_alpha_updates needs the current parameters: call "
+                             "`update(updates, state, params)`.")
+
+        def clamp(path, u, p):
+            if tree_utils.path_to_str(path).rsplit("/", 1)[-1] != "log_alpha":
+                return u
+            return (jnp.clip(p + u, lo, hi) - p).astype(u.dtype)
+
+        return jax.tree_util.tree_map_with_path(clamp, updates, params), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 def tscnc(

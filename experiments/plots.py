@@ -1,0 +1,131 @@
+"""PNG figures of a run (and of several runs side by side).
+
+Figures are :class:`matplotlib.figure.Figure` objects saved directly, so importing this module
+neither selects a backend nor touches pyplot's state (notebooks keep their inline figures).
+
+* ``accuracy.png``: training clean / adversarial accuracy (logged steps) and validation clean /
+  robust accuracy (after each epoch), stage by stage on one step axis.
+* ``kappa_layers.png``: per-layer log10 condition number of the dense network before pruning
+  and of the final (pruned) network.
+* :func:`kappa_per_method` (used by :mod:`experiments.compare`): log10 kappa against layer for
+  several runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+
+from matplotlib.figure import Figure
+
+STAGE_COLORS = {"dense": "tab:blue", "prune": "tab:orange", "finetune": "tab:green"}
+
+
+def read_metrics(path: str | pathlib.Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``, skipping a torn last line (a killed run)."""
+    records = []
+    for line in pathlib.Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _short(name: str) -> str:
+    parts = [p for p in name.split("/") if p not in ("kernel", "conv", "params")]
+    return "/".join(parts) or name
+
+
+def _log10(values) -> list[float]:
+    return [math.log10(v) if v > 0 and math.isfinite(v) else math.inf for v in values]
+
+
+def accuracy_curves(records: list[dict], out: str | pathlib.Path) -> pathlib.Path:
+    """Training and validation accuracy against the global step, one colour per stage."""
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    offsets, total = {}, 0
+    for stage in STAGE_COLORS:  # stages run in this order; each restarts its step count
+        steps = [r["step"] for r in records if r["stage"] == stage]
+        if steps:
+            offsets[stage], total = total, total + max(steps)
+    for stage, color in STAGE_COLORS.items():
+        rows = [r for r in records if r["stage"] == stage]
+        if not rows:
+            continue
+        o = offsets[stage]
+        train = [r for r in rows if "clean_acc" in r]
+        val = [r for r in rows if "val_clean_acc" in r]
+        if train:
+            steps = [o + r["step"] for r in train]
+            ax.plot(steps, [r["clean_acc"] for r in train], color=color, alpha=0.35, lw=1)
+            ax.plot(steps, [r["adv_acc"] for r in train], color=color, alpha=0.35, lw=1, ls="--")
+        if val:
+            steps = [o + r["step"] for r in val]
+            ax.plot(steps, [r["val_clean_acc"] for r in val], "o-", color=color,
+                    label=f"{stage}: val clean")
+            ax.plot(steps, [r["val_robust_acc"] for r in val], "s--", color=color,
+                    label=f"{stage}: val robust (PGD)")
+    ax.set_xlabel("step (all stages)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("thin: training batches (solid clean, dashed adversarial)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return _save(fig, out)
+
+
+def kappa_before_after(summary: dict, out: str | pathlib.Path) -> pathlib.Path:
+    """Per-layer log10 kappa of the dense kernels and of the final (pruned) kernels."""
+    after = summary["kappa"]
+    names = list(after)
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    x = range(len(names))
+    if "dense_kappa" in summary:
+        before = summary["dense_kappa"]
+        ax.plot(x, _log10(before[n] for n in names), "o-", label="dense (before pruning)")
+    ax.plot(x, _log10(after[n] for n in names), "s-",
+            label=f"final ({100 * summary['sparsity']:.1f} % sparse)")
+    ax.set_xticks(list(x), [_short(n) for n in names], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("log10 condition number")
+    ax.set_title(summary["config"].get("name", "run"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def kappa_per_method(summaries: list[dict], out: str | pathlib.Path) -> pathlib.Path:
+    """log10 kappa against layer, one line per run (runs must share the architecture)."""
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    names = list(summaries[0]["kappa"])
+    for s in summaries:
+        ax.plot(range(len(names)), _log10(s["kappa"].get(n, math.nan) for n in names), "o-",
+                label=f"{s['config'].get('name', 'run')} ({100 * s['sparsity']:.1f} %)")
+    ax.set_xticks(range(len(names)), [_short(n) for n in names], rotation=30, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("log10 condition number")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def run_plots(workdir: str | pathlib.Path, summary: dict) -> list[pathlib.Path]:
+    """Writes ``accuracy.png`` and ``kappa_layers.png`` into ``workdir``."""
+    workdir = pathlib.Path(workdir)
+    out = [kappa_before_after(summary, workdir / "kappa_layers.png")]
+    metrics = workdir / "metrics.jsonl"
+    if metrics.exists():
+        out.append(accuracy_curves(read_metrics(metrics), workdir / "accuracy.png"))
+    return out
+
+
+def _save(fig, out: str | pathlib.Path) -> pathlib.Path:
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
