@@ -65,7 +65,8 @@ def main(argv):
     table = run(FLAGS.workdir, smoke=FLAGS.smoke)
     data = "synthetic data (smoke)" if FLAGS.smoke else "Fashion-MNIST"
     print(f"\n{data}, small CNN, eps 0.1, seed 0; accuracies in % on the first 1,000 test "
-          f"images (PGD-20; ensemble = APGD-CE, APGD-T, Square); {time.time() - t0:.0f} s in all.\n")
+          f"images (PGD-20; ensemble = APGD-CE, APGD-T, Square); {time.time() - t0:.0f} s in "
+          f"all.\n")
     print(table)
 
 
