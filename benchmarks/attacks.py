@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import pathlib
-import platform
 import statistics
 import time
 
@@ -106,7 +104,7 @@ def run(
     t0 = time.perf_counter()
     logits_fn, n_params, acc = train_small_cnn(train_steps)
     results = {
-        "machine": _machine(),
+        "machine": common.machine_info(),
         "batch": batch,
         "eps": eps,
         "repeats": repeats,
@@ -147,14 +145,6 @@ def run(
         )
     return results
 
-
-def _machine() -> dict:
-    return {
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-    }
 
 
 _LABELS = {

@@ -26,9 +26,7 @@ the kernels up to 1152x128, the small CNN and 3 repeats.
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
-import platform
 import statistics
 import time
 
@@ -132,15 +130,6 @@ def bench_models(models, ks, repeats) -> dict:
     return out
 
 
-def _machine() -> dict:
-    return {
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS", "(unset)"),
-    }
-
 
 def to_markdown(results: dict) -> str:
     m, ks = results["machine"], results["ks"]
@@ -219,7 +208,7 @@ def main() -> None:
     print("kernels:", flush=True)
     kernels = bench_kernels(matrices, ks, repeats)
     print("models:", flush=True)
-    results = {"machine": _machine(), "repeats": repeats, "ks": ks, "kernels": kernels,
+    results = {"machine": common.machine_info(), "repeats": repeats, "ks": ks, "kernels": kernels,
                "models": bench_models(models, ks, repeats)}
     common.report(to_markdown(results), results, out)
 

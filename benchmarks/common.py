@@ -14,3 +14,20 @@ def report(text: str, results: Any, out: pathlib.Path | None) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+
+
+def machine_info() -> dict:
+    """What a result depends on: CPU, JAX version and backend, device count, BLAS threads."""
+    import os
+    import platform
+
+    import jax
+
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "devices": len(jax.devices()),
+        "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS", "(unset)"),
+    }

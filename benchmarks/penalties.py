@@ -11,9 +11,7 @@ compilation; all numbers come from one run on one machine.
 from __future__ import annotations
 
 import argparse
-import os
 import pathlib
-import platform
 import statistics
 import time
 
@@ -73,7 +71,7 @@ def run(quick: bool, repeats: int) -> dict:
     kernel_value = jax.jit(lambda w: tj.smooth_log_condition_number(w, temperature=0.1,
                                                                     delta=1e-3))
     models = {"small_cnn": small_cnn_shapes(), "vgg16_cifar": vgg16_shapes()}
-    results = {"machine": _machine(), "repeats": repeats, "models": {}}
+    results = {"machine": common.machine_info(), "repeats": repeats, "models": {}}
     for model, shapes in models.items():
         params = _init(shapes)
         n_params = int(sum(np.prod(s) for s in shapes.values()))
@@ -94,15 +92,6 @@ def run(quick: bool, repeats: int) -> dict:
         results["models"][model] = entry
     return results
 
-
-def _machine() -> dict:
-    return {
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "devices": len(jax.devices()),
-    }
 
 
 def to_markdown(results: dict) -> str:

@@ -42,6 +42,26 @@ def _log10(values) -> list[float]:
     return [math.log10(v) if v > 0 and math.isfinite(v) else math.inf for v in values]
 
 
+def _plot_log_kappa(ax, values, style: str, label: str) -> None:
+    """log10 kappa per layer; infinite values (rank-deficient kernels) as ^ markers at the top."""
+    logk = _log10(values)
+    x = list(range(len(logk)))
+    finite = [v if math.isfinite(v) else math.nan for v in logk]
+    (line,) = ax.plot(x, finite, style, label=label)
+    inf_x = [i for i, v in enumerate(logk) if not math.isfinite(v)]
+    if inf_x:
+        ax.plot(inf_x, [1.0] * len(inf_x), "^", color=line.get_color(), markersize=10,
+                transform=ax.get_xaxis_transform(), clip_on=False)
+
+
+def _finish_kappa_axes(ax, names: list[str]) -> None:
+    ax.set_xticks(range(len(names)), [_short(n) for n in names], rotation=30, ha="right",
+                  fontsize=8)
+    ax.set_ylabel("log10 condition number (^ at the top: infinite)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def accuracy_curves(records: list[dict], out: str | pathlib.Path) -> pathlib.Path:
     """Training and validation accuracy against the global step, one colour per stage."""
     fig = Figure(figsize=(7, 4))
@@ -83,17 +103,13 @@ def kappa_before_after(summary: dict, out: str | pathlib.Path) -> pathlib.Path:
     names = list(after)
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
-    x = range(len(names))
     if "dense_kappa" in summary:
         before = summary["dense_kappa"]
-        ax.plot(x, _log10(before[n] for n in names), "o-", label="dense (before pruning)")
-    ax.plot(x, _log10(after[n] for n in names), "s-",
-            label=f"final ({100 * summary['sparsity']:.1f} % sparse)")
-    ax.set_xticks(list(x), [_short(n) for n in names], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("log10 condition number")
+        _plot_log_kappa(ax, [before[n] for n in names], "o-", "dense (before pruning)")
+    _plot_log_kappa(ax, [after[n] for n in names], "s-",
+                    f"final ({100 * summary['sparsity']:.1f} % sparse)")
     ax.set_title(summary["config"].get("name", "run"))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _finish_kappa_axes(ax, names)
     return _save(fig, out)
 
 
@@ -103,13 +119,9 @@ def kappa_per_method(summaries: list[dict], out: str | pathlib.Path) -> pathlib.
     ax = fig.subplots()
     names = list(summaries[0]["kappa"])
     for s in summaries:
-        ax.plot(range(len(names)), _log10(s["kappa"].get(n, math.nan) for n in names), "o-",
-                label=f"{s['config'].get('name', 'run')} ({100 * s['sparsity']:.1f} %)")
-    ax.set_xticks(range(len(names)), [_short(n) for n in names], rotation=30, ha="right",
-                  fontsize=8)
-    ax.set_ylabel("log10 condition number")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        _plot_log_kappa(ax, [s["kappa"].get(n, math.nan) for n in names], "o-",
+                        f"{s['config'].get('name', 'run')} ({100 * s['sparsity']:.1f} %)")
+    _finish_kappa_axes(ax, names)
     return _save(fig, out)
 
 

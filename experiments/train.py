@@ -434,6 +434,7 @@ def final_evaluation(config, model, state: tj.TrainState, data, masks=None) -> d
         "per_attack": {k: float(v) for k, v in report.robust_accuracy.items()},
         "attack_warnings": list(report.warnings),
         "sparsity": float(sparsity.sparsity),
+        "layer_sparsity": {name: float(layer.sparsity) for name, layer in sparsity.layers.items()},
         "eval_seconds": time.time() - t0,
     }
     result.update(spectral_report(params, masks))

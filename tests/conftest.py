@@ -1,4 +1,17 @@
-"""Shared test fixtures."""
+"""Shared test fixtures, and a persistent XLA compilation cache for the whole suite."""
+
+import os
+import pathlib
+import tempfile
+
+# Many tests (and their subprocesses and notebook kernels, which inherit the environment) compile
+# the same programs: small models, the same attacks. JAX's persistent cache turns a repeated
+# compilation into a file read; entries are keyed by the program, the compile options and the
+# jax/jaxlib versions, and an unreadable entry is recompiled with a warning. Set before jax loads.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(pathlib.Path(tempfile.gettempdir()) / f"tscnc_jax_xla_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax
 import numpy as np

@@ -4,7 +4,8 @@
         --workdir=runs/dense_pgd_at
 
 Fashion-MNIST (small CNN, eps 0.1, 10 epochs, 10-step PGD): about 45 minutes on the project's
-2-core CPU (a PGD-AT-10 step costs about as much as a TRADES-10 step). See ``docs/results.md``.
+2-core CPU (a PGD-AT-10 step costs about as much as a TRADES-10 step). Expected result: not yet
+measured at this length; the README's demo has measured short runs.
 """
 
 from experiments.configs import base

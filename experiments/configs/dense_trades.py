@@ -8,7 +8,8 @@
 
 Fashion-MNIST (small CNN, eps 0.1, 10 epochs, beta 6, 10-step attack): about 45 minutes on the
 project's 2-core CPU (0.5 s per TRADES-10 step at batch 128, 4,290 steps, then PGD-20 and the
-standard ensemble on the 10,000 test images). See ``docs/results.md`` for measured accuracies.
+standard ensemble on the 10,000 test images). Expected result: not yet measured at this length
+(the reproduction study will record it); the README's demo has measured short runs.
 """
 
 from experiments.configs import base

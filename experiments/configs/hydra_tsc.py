@@ -2,9 +2,9 @@
 
     python -m experiments.main --config=experiments/configs/hydra_tsc.py --workdir=runs/hydra_tsc
 
-The normalised TL1 penalty (a = 1, weight 1e-3) on every kernel during dense training and
-fine-tuning. Fashion-MNIST: about 70 minutes on the project's 2-core CPU. See
-``docs/results.md``.
+The normalised TL1 penalty (a = 1, weight 1e-3) on every kernel during dense training and fine-
+tuning. Fashion-MNIST: about 70 minutes on the project's 2-core CPU. Expected result: not yet
+measured at this length; the README's demo has measured short runs.
 """
 
 from experiments.configs import base

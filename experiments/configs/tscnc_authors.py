@@ -10,7 +10,8 @@ on CIFAR/SVHN the gated WideResNet-28-10 the authors use), the structured TSC wi
 ``[log 0.01, log 100]`` after every step, then HYDRA score pruning and no fine-tuning (the
 authors' code never calls its fine-tuning stage). Not reproduced: their bias-corrected EMA and
 best-on-test checkpoint selection (METHOD.md section 6). Fashion-MNIST: about 60 minutes on the
-project's 2-core CPU. See ``docs/results.md``.
+project's 2-core CPU. Expected result: not yet measured at this length; the README's demo has
+measured short runs.
 """
 
 import ml_collections
