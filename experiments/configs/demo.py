@@ -34,17 +34,8 @@ def get_config(variant: str = "hydra_tscnc"):
     c = base.get_base_config()
     c.name = f"demo_{method}"
     c.model.kwargs = ml_collections.ConfigDict({"width": 32})
-    c.data.num_train = 6400
-    c.data.num_val = 5000
-    c.dense.epochs = 3
-    c.prune.epochs = 1
+    c = base.quick(c)
     c.prune.sparsity = 0.99
-    c.finetune.epochs = 1
-    c.lr_milestones = (0.5, 0.75)
-    c.eval.num_val = 500
-    c.eval.num_test = 1000
-    c.eval.attacks = "fast"
-    c.log_every = 20
     c.stages = ("dense",) if method == "dense" else ("prune", "finetune")
     if method == "hydra_tscnc":
         c.finetune.cnc_weight = 0.01

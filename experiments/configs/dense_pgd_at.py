@@ -3,9 +3,11 @@
     python -m experiments.main --config=experiments/configs/dense_pgd_at.py \
         --workdir=runs/dense_pgd_at
 
-Fashion-MNIST (small CNN, eps 0.1, 10 epochs, 10-step PGD): about 45 minutes on the project's
-2-core CPU (a PGD-AT-10 step costs about as much as a TRADES-10 step). Expected result: not yet
-measured at this length; the README's demo has measured short runs.
+Run time on the project's 2-core CPU: ``:quick`` 140 s (measured); the full Fashion-MNIST
+recipe (small CNN, eps 0.1, 10 epochs, 10-step PGD) about 95 minutes, estimated from measured
+rates (see ``base.py``). Expected result, measured with ``:quick`` (seed 0, first 1,000 test
+images, fast ensemble): clean 74.3 %, PGD-20 58.8 %, ensemble 55.5 %. Full length: not yet
+measured.
 """
 
 from experiments.configs import base

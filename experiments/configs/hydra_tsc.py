@@ -3,8 +3,12 @@
     python -m experiments.main --config=experiments/configs/hydra_tsc.py --workdir=runs/hydra_tsc
 
 The normalised TL1 penalty (a = 1, weight 1e-3) on every kernel during dense training and fine-
-tuning. Fashion-MNIST: about 70 minutes on the project's 2-core CPU. Expected result: not yet
-measured at this length; the README's demo has measured short runs.
+tuning.
+
+Run time on the project's 2-core CPU: ``:quick`` 197 s (measured); full Fashion-MNIST length
+about 90 minutes, estimated from measured rates (see ``base.py``). Expected result, measured
+with ``:quick`` at 99 % (seed 0, first 1,000 test images, fast ensemble): clean 49.9 %, PGD-20
+29.2 %, ensemble 18.6 % (HYDRA alone: 48.5 / 30.5 / 20.4). Full length: not yet measured.
 """
 
 from experiments.configs import base

@@ -1,0 +1,89 @@
+"""Runs several configs one after another and keeps every finished run's summary.
+
+    python -m experiments.sweep --workdir=runs/quick --variant=quick \
+        --summaries=docs/results/quick dense_trades dense_pgd_at lwm hydra hydra_tsc \
+        hydra_cnc hydra_tscnc tscnc_authors
+    python -m experiments.sweep --workdir=runs/s99 --set=prune.sparsity=0.99 --set=seed=1 hydra
+
+Each positional argument is a config name (``experiments/configs/<name>.py``) or a
+``name=config[:variant]`` pair that names the run differently (``hydra_95=hydra``). Every run is
+``python -m experiments.main`` in its own process and workdir (``<workdir>/<name>``) with the
+``--set`` overrides as ``--config.<key>=<value>``. A run whose ``summary.json`` exists is skipped,
+a killed or failed run resumes from its checkpoints on the next invocation, and one run's failure
+does not stop the others. After each finished run its ``summary.json`` and ``results.md`` are
+copied to ``--summaries/<name>/``; at the end the comparison table of all finished runs is
+written to ``<workdir>/results.md`` (and ``--summaries``) and printed.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import shutil
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+from experiments import compare
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Parent directory of the runs' workdirs.")
+flags.DEFINE_string("variant", "", "Config variant for every run (e.g. 'quick', 'cifar10').")
+flags.DEFINE_multi_string("set", [], "key=value config override for every run (repeatable).")
+flags.DEFINE_string("summaries", None, "Directory that keeps a copy of each finished summary.")
+flags.mark_flags_as_required(["workdir"])
+
+CONFIGS = pathlib.Path("experiments") / "configs"  # run from the repository root, as main is
+
+
+def parse_run(arg: str, variant: str) -> tuple[str, str]:
+    """``"hydra"`` -> ``("hydra", "experiments/configs/hydra.py:<variant>")``."""
+    name, _, spec = arg.partition("=")
+    spec = spec or name
+    config, _, own_variant = spec.partition(":")
+    path = CONFIGS / f"{config}.py"
+    if not path.exists():
+        known = sorted(p.stem for p in CONFIGS.glob("*.py") if p.stem not in ("__init__", "base"))
+        raise app.UsageError(f"No config {config!r} for run {name!r}: choose from {known}.")
+    variant = own_variant or variant
+    return name, f"{path}:{variant}" if variant else str(path)
+
+
+def main(argv):
+    if len(argv) < 2:
+        raise app.UsageError("Give one or more config names.")
+    runs = [parse_run(a, FLAGS.variant) for a in argv[1:]]
+    root = pathlib.Path(FLAGS.workdir)
+    overrides = [f"--config.{kv}" for kv in FLAGS.set]
+    failed = []
+    for name, config in runs:
+        workdir = root / name
+        if (workdir / "summary.json").exists():
+            print(f"{name}: finished earlier, skipped", flush=True)
+        else:
+            t0 = time.time()
+            cmd = [sys.executable, "-m", "experiments.main", f"--config={config}",
+                   f"--workdir={workdir}", *overrides]
+            print(" ".join(cmd[1:]), flush=True)
+            if subprocess.run(cmd).returncode != 0:
+                failed.append(name)
+                print(f"{name}: FAILED after {time.time() - t0:.0f} s", flush=True)
+                continue
+            print(f"{name}: {time.time() - t0:.0f} s", flush=True)
+        if FLAGS.summaries:
+            keep = pathlib.Path(FLAGS.summaries) / name
+            keep.mkdir(parents=True, exist_ok=True)
+            for f in ("summary.json", "results.md"):
+                shutil.copy2(workdir / f, keep / f)
+    done = [root / name for name, _ in runs if (root / name / "summary.json").exists()]
+    if done:
+        print(compare.compare(done, root))
+        if FLAGS.summaries:
+            shutil.copy2(root / "results.md", pathlib.Path(FLAGS.summaries) / "results.md")
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)} (rerun to resume).")
+
+
+if __name__ == "__main__":
+    app.run(main)
