@@ -425,6 +425,13 @@ def final_evaluation(config, model, state: tj.TrainState, data, masks=None) -> d
                     for i in range(0, n, config.batch_size)],
         eps=config.eps, attacks=config.eval.attacks, key=jax.random.key(config.seed + 6),
         progress=config.progress)
+    n_lip = min(config.eval.num_lipschitz, n)
+    lip_jit = jax.jit(lambda xb, kb: tj.local_lipschitz(
+        logits_fn, xb, key=kb, eps=config.eps, steps=config.eval.lipschitz_steps))
+    lip_key = jax.random.key(config.seed + 7)
+    lip = np.concatenate([np.zeros(0, np.float32)] + [
+        np.asarray(lip_jit(x[i:min(i + config.batch_size, n_lip)], jax.random.fold_in(lip_key, i)))
+        for i in range(0, n_lip, config.batch_size)])
     sparsity = tj.summarize_sparsity(tj.nonzero_masks(params))
     result = {
         "num_test": n,
@@ -435,6 +442,9 @@ def final_evaluation(config, model, state: tj.TrainState, data, masks=None) -> d
         "attack_warnings": list(report.warnings),
         "sparsity": float(sparsity.sparsity),
         "layer_sparsity": {name: float(layer.sparsity) for name, layer in sparsity.layers.items()},
+        "local_lipschitz_mean": float(np.mean(lip)) if n_lip else float("nan"),
+        "local_lipschitz_median": float(np.median(lip)) if n_lip else float("nan"),
+        "num_lipschitz": n_lip,
         "eval_seconds": time.time() - t0,
     }
     result.update(spectral_report(params, masks))

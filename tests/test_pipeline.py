@@ -81,6 +81,8 @@ def test_smoke_config_runs_end_to_end(name, variant, tmp_path):
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert lines and all(json.loads(line)["stage"] in train.STAGES for line in lines)
     assert summary["lipschitz_upper_bound"] > 0 and summary["median_log10_kappa"] >= 0
+    assert summary["num_lipschitz"] == min(config.eval.num_lipschitz, summary["num_test"])
+    assert 0 < summary["local_lipschitz_median"] < float("inf")
     events = [e for f in (tmp_path / "tensorboard").iterdir() for e in _read_event_file(f)]
     tags = {tag for _, _, scalars in events for tag in scalars}
     assert f"{config.stages[-1]}/val/robust_acc" in tags

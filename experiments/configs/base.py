@@ -143,6 +143,10 @@ def get_base_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.eval.pgd_steps = 20
     c.eval.pgd_step_size = ml_collections.FieldReference(None, field_type=float)
     c.eval.attacks = "standard"  # standard | fast
+    # Empirical local Lipschitz constant (tscnc_jax.local_lipschitz) on the first test images, in
+    # the threat model's eps-ball: max over a PGD search of ||f(x') - f(x)||_2 / ||x' - x||_2.
+    c.eval.num_lipschitz = 1000
+    c.eval.lipschitz_steps = 20
     c.eval.checkpoint = "final"  # final | best (best validation robust accuracy of the last stage)
 
     c.log_every = 50
@@ -211,6 +215,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.eval.num_val = 64
     c.eval.num_test = 64
     c.eval.pgd_steps = 3
+    c.eval.lipschitz_steps = 3
     c.eval.attacks = "fast"
     c.log_every = 2
     c.progress = False
