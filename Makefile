@@ -39,8 +39,11 @@ pytest: $(STAMP)
 
 test: lint pytest
 
+# The full benchmark run: tens of minutes on a 2-core CPU, mostly VGG-16 / ResNet-18 TRADES steps;
+# tables and JSON in benchmarks/results/run.md. `make test` runs its --quick smoke
+# (tests/test_benchmarks.py).
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.penalties
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m benchmarks.run --out benchmarks/results/run.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,239 @@
+"""All benchmarks in one run: one markdown table per section, medians, ratios from the same run.
+
+    python -m benchmarks.run [--quick] [--out benchmarks/results/run.md]
+
+Sections (each measured side by side in this process, medians over ``--repeats`` after the first,
+compiling call):
+
+1. **Practical peak**: a jitted float32 ``N x N`` matmul (N = 4096; 1024 with ``--quick``), in
+   GFLOP/s (``2 N^3`` per call).
+2. **Training steps** at ``--batch`` (128): clean, PGD-AT-10, TRADES-10 and TRADES-10 + TSCNC
+   (exact CNC + TSC) for the small CNN, VGG-16 and ResNet-18 (small CNN only with ``--quick``):
+   ms, images/s, and achieved GFLOP/s in direct-convolution terms against the peak. The FLOPs of
+   one forward pass come from XLA's cost analysis of the loop-free forward; a step counts
+   ``F`` per forward, ``2F`` per backward with weight gradients and ``F`` per input-only backward
+   (the attack's), i.e. clean ``3F``, PGD-AT-10 ``10 * 2F + 3F + F`` (the clean forward for the
+   accuracy), TRADES-10 ``F + 10 * 2F + 2 * 3F``. (XLA's cost analysis counts a loop body once,
+   so the step's own count would miss the attack iterations.)
+3. **JAX vs PyTorch** (small CNN, same architecture, loss and attack schedule;
+   ``benchmarks/torch_twin.py``): step times and the JAX / PyTorch ratio, when torch is
+   installed (``pip install torch==2.13.0``; a benchmark-only dependency).
+4. **Penalty overhead** per model: the optax update of the exact CNC, the tracked CNC
+   (``add_tracked_condition_number_penalty``, k = 16, steady state between resynchronisations)
+   and the TSC, as ms and as a percentage of the same model's TRADES-10 step from section 2.
+5. **Attack throughput** (small CNN): images/s of PGD-20 and the fast ensemble (+ APGD-CE and the
+   standard ensemble without ``--quick``), from ``benchmarks/attacks.py``.
+6. **Scaling**: exact vs tracked CNC value + gradient against kernel size (64x64 to 4608x512),
+   and the small CNN's TRADES-10 step time against the batch size.
+
+``--quick`` is a smoke run (about a minute here; the test suite runs it and asserts the tables,
+never timings). Not yet here: PyTorch twins of VGG-16 / ResNet-18 and torchattacks' AutoAttack
+on the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+# As in experiments.main: one OpenBLAS thread, or the exact SVDs inside XLA's thread pool
+# oversubscribe the cores (measured: the CNC's share of a step drops to noise). An explicit
+# environment setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse
+import functools
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import tscnc_jax as tj
+from benchmarks import attacks as attack_bench
+from benchmarks import cnc_estimator, common, torch_twin, train_step
+
+LOSSES = [("clean", False), ("pgd_at", False), ("trades", False), ("trades", True)]
+# Forward-pass equivalents per step (see the module docstring).
+FORWARDS = {"clean": 3, "pgd_at": 10 * 2 + 3 + 1, "trades": 1 + 10 * 2 + 2 * 3}
+
+
+def _median_s(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def peak(n: int, repeats: int) -> dict:
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    sec = _median_s(jax.jit(jnp.matmul), a, b, repeats=repeats)
+    return {"n": n, "seconds": sec, "gflops": 2 * n**3 / sec / 1e9}
+
+
+def forward_flops(model_name: str, batch: int) -> float:
+    make_model, shape = train_step.MODELS[model_name]
+    model = make_model()
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *shape)))
+    x = jnp.zeros((batch, *shape))
+    fwd = jax.jit(functools.partial(model.apply, train=False))
+    return _flops(fwd.lower(variables, x).compile())
+
+
+def train_steps(models, batch: int, repeats: int, peak_gflops: float) -> list[dict]:
+    rows = []
+    for name in models:
+        f = forward_flops(name, batch)
+        for loss, tscnc in LOSSES:
+            r = train_step._time_step(name, loss, tscnc, batch, repeats)
+            r["forward_flops"] = f
+            r["gflops"] = FORWARDS[loss] * f / r["median_s"] / 1e9
+            r["percent_of_peak"] = 100 * r["gflops"] / peak_gflops
+            rows.append(r)
+            print(f"{name} {loss} tscnc={tscnc}: {r['median_s'] * 1e3:.1f} ms, "
+                  f"{r['gflops']:.1f} GFLOP/s", flush=True)
+    return rows
+
+
+def torch_comparison(batch: int, repeats: int) -> dict | None:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return None
+    rng = np.random.default_rng(0)
+    data = {"image": rng.uniform(0, 1, (batch, 28, 28, 1)).astype(np.float32),
+            "label": rng.integers(0, 10, batch).astype(np.int32)}
+    rows = {}
+    for loss in ("clean", "pgd_at", "trades"):
+        jax_s = torch_twin._jax_step_time(loss, data, repeats)
+        torch_s = torch_twin._torch_step_time(loss, data, repeats)
+        rows[loss] = {"jax_s": jax_s, "torch_s": torch_s, "ratio": jax_s / torch_s}
+    return rows
+
+
+def _update_seconds(tx, params, repeats: int) -> float:
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    update = jax.jit(lambda s, p: tx.update(zeros, s, p))
+    state = tx.init(params)
+    _, state = update(state, params)  # past the first update (the tracked CNC's exact seeding)
+    return _median_s(lambda s: update(s, params)[0], state, repeats=repeats)
+
+
+def penalty_overhead(models, trades_s: dict, repeats: int) -> list[dict]:
+    rows = []
+    for name in models:
+        make_model, shape = train_step.MODELS[name]
+        params = jax.jit(make_model().init)(jax.random.key(0), jnp.zeros((1, *shape)))["params"]
+        transforms = {
+            "cnc_exact": tj.add_condition_number_penalty(0.01),
+            "cnc_tracked_k16": tj.add_tracked_condition_number_penalty(0.01, k=16),
+            "tsc": tj.add_transformed_sparsity_penalty(1e-5, a=1.0),
+        }
+        rows.append({"model": name, "trades_s": trades_s[name],
+                     **{k: _update_seconds(tx, params, repeats) for k, tx in transforms.items()}})
+    return rows
+
+
+def attack_throughput(quick: bool, repeats: int) -> dict:
+    only = ["pgd20", "fast"] if quick else ["pgd20", "apgd_ce", "fast", "fast_worst", "standard"]
+    return attack_bench.run(quick, repeats, 32 if quick else 128, 0.1, only,
+                            train_steps=10 if quick else 100)
+
+
+def batch_scaling(batches, repeats: int) -> list[dict]:
+    return [train_step._time_step("small_cnn", "trades", False, b, repeats) for b in batches]
+
+
+def to_markdown(r: dict) -> str:
+    p = r["peak"]
+    m = r["machine"]
+    machine = (f"{m['processor']}, {m['cpu_count']} cores, jax {m['jax']} ({m['backend']}, "
+               f"{m['devices']} device(s)), OPENBLAS_NUM_THREADS={m['openblas_num_threads']}")
+    out = ["# Benchmarks", "", machine, "",
+           "## 1. Practical peak", "",
+           f"Jitted float32 {p['n']}x{p['n']} matmul: {p['gflops']:.1f} GFLOP/s "
+           f"({p['seconds'] * 1e3:.1f} ms).", "",
+           "## 2. Training steps", "",
+           f"Batch {r['batch']}, median of {r['repeats']} steps; GFLOP/s in direct-convolution "
+           f"terms (forward FLOPs from XLA's cost analysis x forward equivalents per step).", "",
+           "| model | step | ms | images/s | GFLOP/s | % of peak |",
+           "|---|---|---:|---:|---:|---:|"]
+    for s in r["train_steps"]:
+        step = s["loss"] + ("-10" if s["loss"] != "clean" else "") + (" + TSCNC" * s["tscnc"])
+        out.append(f"| {s['model']} | {step} | {s['median_s'] * 1e3:.1f} | "
+                   f"{s['images_per_s']:.1f} | {s['gflops']:.1f} | {s['percent_of_peak']:.1f} |")
+    out += ["", "## 3. JAX vs PyTorch (small CNN)", ""]
+    if r["torch"] is None:
+        out.append("Skipped: PyTorch is not installed (`pip install torch==2.13.0`).")
+    else:
+        out += ["| step | JAX ms | PyTorch ms | JAX / PyTorch time |", "|---|---:|---:|---:|"]
+        for loss, t in r["torch"].items():
+            out.append(f"| {loss} | {t['jax_s'] * 1e3:.1f} | {t['torch_s'] * 1e3:.1f} | "
+                       f"{t['ratio']:.2f} |")
+    out += ["", "## 4. Penalty overhead (optax update, every kernel)", "",
+            "| model | TRADES-10 ms | CNC exact | CNC tracked k=16 | TSC |",
+            "|---|---:|---:|---:|---:|"]
+    for p_ in r["penalties"]:
+        t = p_["trades_s"]
+        cells = [f"{p_[k] * 1e3:.2f} ms ({100 * p_[k] / t:.1f} %)"
+                 for k in ("cnc_exact", "cnc_tracked_k16", "tsc")]
+        out.append(f"| {p_['model']} | {t * 1e3:.1f} | " + " | ".join(cells) + " |")
+    a = r["attacks"]
+    out += ["", "## 5. Attack throughput (small CNN)", "",
+            f"Batch {a['batch']}, eps {a['eps']}, synthetic data, model trained for "
+            f"{a['train_steps']} steps.", "", "| attack | images/s | robust accuracy |",
+            "|---|---:|---:|"]
+    for name, w in a["workloads"].items():
+        out.append(f"| {name} | {w['images_per_second']:.1f} | {w['robust_accuracy']:.3f} |")
+    out += ["", "## 6. Scaling", "", "CNC value + gradient per kernel (ms):", "",
+            "| fan_in x fan_out | exact | tracked k=16 |", "|---|---:|---:|"]
+    for k in r["kernels"]:
+        out.append(f"| {k['matrix']} | {k['exact_ms']:.2f} | {k['tracked_ms'][16]:.2f} |")
+    out += ["", "Small CNN TRADES-10 step against batch size:", "",
+            "| batch | ms | images/s |", "|---:|---:|---:|"]
+    for b in r["batches"]:
+        out.append(f"| {b['batch']} | {b['median_s'] * 1e3:.1f} | {b['images_per_s']:.1f} |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke sizes (about a minute)")
+    parser.add_argument("--repeats", type=int, default=None, help="default 5 (1 with --quick)")
+    parser.add_argument("--batch", type=int, default=None, help="default 128 (16 with --quick)")
+    parser.add_argument("--out", type=pathlib.Path, default=None,
+                        help="write the markdown here and its JSON twin next to it")
+    args = parser.parse_args()
+    quick = args.quick
+    repeats = args.repeats or (1 if quick else 5)
+    batch = args.batch or (16 if quick else 128)
+    if repeats < 1 or batch < 1:
+        parser.error("--repeats and --batch must be >= 1")
+    models = ["small_cnn"] if quick else ["small_cnn", "vgg16", "resnet18"]
+    r = {"machine": common.machine_info(), "quick": quick, "batch": batch, "repeats": repeats}
+    r["peak"] = peak(1024 if quick else 4096, repeats if quick else 10)
+    r["train_steps"] = train_steps(models, batch, repeats, r["peak"]["gflops"])
+    trades_s = {s["model"]: s["median_s"] for s in r["train_steps"]
+                if s["loss"] == "trades" and not s["tscnc"]}
+    r["torch"] = None if quick else torch_comparison(batch, repeats)
+    r["penalties"] = penalty_overhead(models, trades_s, repeats)
+    r["attacks"] = attack_throughput(quick, repeats)
+    matrices = cnc_estimator.MATRICES[:2] if quick else cnc_estimator.MATRICES
+    r["kernels"] = cnc_estimator.bench_kernels(matrices, [16], repeats)
+    r["batches"] = batch_scaling([8, 16] if quick else [32, 64, 128, 256], repeats)
+    common.report(to_markdown(r), r, args.out)
+
+
+if __name__ == "__main__":
+    main()
