@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import statistics
 import time
 
 import jax
@@ -46,14 +45,6 @@ MODELS = {
 }
 
 
-def _median_ms(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _tracked_step(params, vectors):
@@ -78,13 +69,13 @@ def bench_kernels(matrices, ks, repeats) -> list[dict]:
     for i, (m, n) in enumerate(matrices):
         w = jax.random.normal(jax.random.key(i), (m, n)) * np.sqrt(2.0 / m)
         params = {"w": w}
-        row = {"matrix": f"{m}x{n}", "exact_ms": _median_ms(exact, w, repeats=repeats),
+        row = {"matrix": f"{m}x{n}", "exact_ms": common.median_ms(exact, w, repeats=repeats),
                "tracked_ms": {}, "resync_ms": {}}
         for k in ks:
             seed = jax.jit(lambda p, k=k: st.init_tracked_vectors(p, k=k))
             vectors = seed(params)
-            row["tracked_ms"][k] = _median_ms(tracked, params, vectors, repeats=repeats)
-            row["resync_ms"][k] = _median_ms(seed, params, repeats=repeats)
+            row["tracked_ms"][k] = common.median_ms(tracked, params, vectors, repeats=repeats)
+            row["resync_ms"][k] = common.median_ms(seed, params, repeats=repeats)
         row.update(_cosines(np.linalg.svd(np.asarray(w, np.float64), compute_uv=False), ks))
         rows.append(row)
         print(f"  {row['matrix']}: exact {row['exact_ms']:.2f} ms, tracked "
@@ -103,7 +94,7 @@ def bench_models(models, ks, repeats) -> dict:
         exact_tx = tj.add_condition_number_penalty(1.0, temperature=TAU, delta=DELTA)
         exact_update = jax.jit(exact_tx.update)
         entry = {"kernels": len(spectra), "kernel_params": n_kernel,
-                 "exact_ms": _median_ms(exact_update, zeros, exact_tx.init(params), params,
+                 "exact_ms": common.median_ms(exact_update, zeros, exact_tx.init(params), params,
                                         repeats=repeats),
                  "tracked": {}}
         for k in ks:
@@ -119,7 +110,7 @@ def bench_models(models, ks, repeats) -> dict:
             worst = min(st.converged_gradient_cosine(s, k=k, temperature=TAU, delta=DELTA)
                         for s, _ in spectra.values())
             entry["tracked"][k] = {
-                "step_ms": _median_ms(update, zeros, seeded, params, repeats=repeats),
+                "step_ms": common.median_ms(update, zeros, seeded, params, repeats=repeats),
                 "first_call_s": first_s,
                 "worst_kernel_cosine": worst,
             }

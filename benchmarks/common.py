@@ -7,6 +7,23 @@ import pathlib
 from typing import Any
 
 
+def median_ms(fn, *args, repeats: int) -> float:
+    """Median wall time in ms of ``fn(*args)`` over ``repeats`` calls after a first (compiling)
+    call, each waited for with ``jax.block_until_ready``."""
+    import statistics
+    import time
+
+    import jax
+
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
 def report(text: str, results: Any, out: pathlib.Path | None) -> None:
     """Prints ``text``; with ``out``, writes it there and ``results`` as JSON next to it."""
     print(text)

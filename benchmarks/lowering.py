@@ -11,28 +11,19 @@ Medians after compilation, side by side in one run.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from benchmarks import common
 from tscnc_jax import models
 
 CONV_SHAPES = [(32, 3, 64), (32, 64, 64), (16, 128, 128), (8, 256, 256), (4, 512, 512),
                (2, 512, 512)]
 
 
-def _median_ms(fn, *args, repeats):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:
@@ -59,8 +50,8 @@ def main() -> None:
         grad = {name: jax.jit(jax.value_and_grad(lambda x, w, f=f: jnp.sum(f(x, w) ** 2),
                                                  argnums=(0, 1)))
                 for name, f in (("xla", xla), ("im2col", im2col))}
-        t_xla = _median_ms(grad["xla"], x, w, repeats=args.repeats)
-        t_col = _median_ms(grad["im2col"], x, w, repeats=args.repeats)
+        t_xla = common.median_ms(grad["xla"], x, w, repeats=args.repeats)
+        t_col = common.median_ms(grad["im2col"], x, w, repeats=args.repeats)
         lines.append(f"| conv 3x3 | {hw}x{hw}, {c_in}->{c_out} | {t_xla:.1f} | {t_col:.1f} | "
                      f"{t_xla / t_col:.2f} |")
         print(lines[-1], flush=True)
@@ -69,8 +60,8 @@ def main() -> None:
         flax_pool = jax.jit(jax.value_and_grad(
             lambda x: jnp.sum(nn.max_pool(x, (2, 2), (2, 2)) ** 2)))
         ours = jax.jit(jax.value_and_grad(lambda x: jnp.sum(models.max_pool_2x2(x) ** 2)))
-        t_flax = _median_ms(flax_pool, x, repeats=args.repeats)
-        t_ours = _median_ms(ours, x, repeats=args.repeats)
+        t_flax = common.median_ms(flax_pool, x, repeats=args.repeats)
+        t_ours = common.median_ms(ours, x, repeats=args.repeats)
         lines.append(f"| max pool 2x2 | {hw}x{hw}x{c} | {t_flax:.1f} | {t_ours:.1f} | "
                      f"{t_flax / t_ours:.2f} |")
         print(lines[-1], flush=True)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import statistics
-import time
 
 import jax
 import numpy as np
@@ -52,14 +50,6 @@ def _init(shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, jax.Ar
     }
 
 
-def _median_ms(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def run(quick: bool, repeats: int) -> dict:
@@ -77,8 +67,8 @@ def run(quick: bool, repeats: int) -> dict:
         n_params = int(sum(np.prod(s) for s in shapes.values()))
         entry = {
             "kernel_params": n_params,
-            "cnc_value_and_grad_ms": _median_ms(cnc, params, repeats=repeats),
-            "tsc_value_and_grad_ms": _median_ms(tsc, params, repeats=repeats),
+            "cnc_value_and_grad_ms": common.median_ms(cnc, params, repeats=repeats),
+            "tsc_value_and_grad_ms": common.median_ms(tsc, params, repeats=repeats),
             "layers": {},
         }
         if not quick:
@@ -86,8 +76,8 @@ def run(quick: bool, repeats: int) -> dict:
                 m, n = int(np.prod(w.shape[:-1])), w.shape[-1]
                 entry["layers"][name] = {
                     "matrix": f"{m}x{n}",
-                    "value_ms": _median_ms(kernel_value, w, repeats=repeats),
-                    "value_and_grad_ms": _median_ms(kernel_cnc, w, repeats=repeats),
+                    "value_ms": common.median_ms(kernel_value, w, repeats=repeats),
+                    "value_and_grad_ms": common.median_ms(kernel_cnc, w, repeats=repeats),
                 }
         results["models"][model] = entry
     return results

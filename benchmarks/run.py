@@ -43,8 +43,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse
 import functools
 import pathlib
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -60,13 +58,7 @@ FORWARDS = {"clean": 3, "pgd_at": 10 * 2 + 3 + 1, "trades": 1 + 10 * 2 + 2 * 3}
 
 
 def _median_s(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return common.median_ms(fn, *args, repeats=repeats) / 1e3
 
 
 def _flops(compiled) -> float:
