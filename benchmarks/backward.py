@@ -1,0 +1,100 @@
+"""Where an adversarial step's time goes: forward vs input gradient vs weight gradient.
+
+    python -m benchmarks.backward [--repeats 10] [--batch 128] [--out FILE.md]
+
+An attack iteration is a forward pass plus the gradient with respect to the *input*; the training
+update adds the gradient with respect to the *weights*. This measures the three (median ms after
+compilation) for the whole small CNN and VGG-16, and layer by layer for the small CNN (each conv
+and ReLU + 2x2 max-pool alone on its real input shape, loss ``sum(out^2)``), so that speed work on
+the attack loop knows which lowering to attack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import tscnc_jax as tj
+from benchmarks import common
+from tscnc_jax import models
+
+WHOLE = {"small_cnn": ({}, (28, 28, 1)), "vgg": ({"depth": 16}, (32, 32, 3))}
+
+
+def _three(apply, variables, x, repeats: int) -> dict:
+    def loss(v, z):
+        return jnp.sum(jnp.square(apply(v, z)))
+
+    fns = {"forward": jax.jit(apply), "grad_input": jax.jit(jax.grad(loss, argnums=1)),
+           "grad_weights": jax.jit(jax.grad(loss, argnums=0))}
+    return {k: common.median_ms(f, variables, x, repeats=repeats) for k, f in fns.items()}
+
+
+def whole_model(name: str, batch: int, repeats: int) -> dict:
+    kwargs, shape = WHOLE[name]
+    model = tj.create_model(name, **kwargs)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *shape)))
+    x = jax.random.uniform(jax.random.key(1), (batch, *shape))
+    y = jnp.zeros((batch,), jnp.int32)
+
+    def ce(v, z):
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply(v, z), y)
+
+    fns = {"forward": jax.jit(model.apply),
+           "grad_input": jax.jit(jax.grad(lambda v, z: jnp.sum(ce(v, z)), argnums=1)),
+           "grad_weights": jax.jit(jax.grad(lambda v, z: jnp.sum(ce(v, z)), argnums=0))}
+    return {k: common.median_ms(f, variables, x, repeats=repeats) for k, f in fns.items()}
+
+
+def small_cnn_layers(batch: int, repeats: int) -> dict:
+    out = {}
+    for label, shape, features in (("Conv_0 28x28x1->32", (28, 28, 1), 32),
+                                   ("Conv_1 14x14x32->64", (14, 14, 32), 64)):
+        conv = models.Conv(features)
+        x = jax.random.uniform(jax.random.key(1), (batch, *shape))
+        variables = conv.init(jax.random.key(0), x[:1])
+        out[label] = _three(conv.apply, variables, x, repeats)
+    for label, shape in (("ReLU + pool 28x28x32", (28, 28, 32)),
+                         ("ReLU + pool 14x14x64", (14, 14, 64))):
+        x = jax.random.uniform(jax.random.key(1), (batch, *shape))
+        ms = _three(lambda _, z: models.max_pool_2x2(nn.relu(z)), {}, x, repeats)
+        ms.pop("grad_weights")
+        out[label] = ms
+    return out
+
+
+def to_markdown(r: dict) -> str:
+    lines = ["# Forward vs input gradient vs weight gradient", "",
+             f"jax {jax.__version__}, {jax.default_backend()}, {os.cpu_count()} cores; batch "
+             f"{r['batch']}; median of {r['repeats']} calls after compilation; ms.", "",
+             "| part | forward | grad wrt input | grad wrt weights | input grad / forward |",
+             "|---|---:|---:|---:|---:|"]
+    rows = [(f"whole {k}", v) for k, v in r["whole"].items()] + list(r["layers"].items())
+    for name, t in rows:
+        gw = f"{t['grad_weights']:.1f}" if "grad_weights" in t else "-"
+        lines.append(f"| {name} | {t['forward']:.1f} | {t['grad_input']:.1f} | {gw} | "
+                     f"{t['grad_input'] / t['forward']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    args = parser.parse_args()
+    r = {"machine": common.machine_info(), "batch": args.batch, "repeats": args.repeats,
+         "whole": {name: whole_model(name, args.batch, max(1, args.repeats // 3) if name == "vgg"
+                                     else args.repeats) for name in WHOLE},
+         "layers": small_cnn_layers(args.batch, args.repeats)}
+    common.report(to_markdown(r), r, args.out)
+
+
+if __name__ == "__main__":
+    main()
