@@ -27,12 +27,14 @@ from tscnc_jax import models
 WHOLE = {"small_cnn": ({}, (28, 28, 1)), "vgg": ({"depth": 16}, (32, 32, 3))}
 
 
-def _three(apply, variables, x, repeats: int) -> dict:
-    def loss(v, z):
-        return jnp.sum(jnp.square(apply(v, z)))
+def _three(apply, variables, x, repeats: int, loss=lambda out: jnp.sum(jnp.square(out))) -> dict:
+    """Median ms of ``apply``, and of the gradients of ``loss(apply(v, x))`` wrt x and wrt v."""
 
-    fns = {"forward": jax.jit(apply), "grad_input": jax.jit(jax.grad(loss, argnums=1)),
-           "grad_weights": jax.jit(jax.grad(loss, argnums=0))}
+    def total(v, z):
+        return loss(apply(v, z))
+
+    fns = {"forward": jax.jit(apply), "grad_input": jax.jit(jax.grad(total, argnums=1)),
+           "grad_weights": jax.jit(jax.grad(total, argnums=0))}
     return {k: common.median_ms(f, variables, x, repeats=repeats) for k, f in fns.items()}
 
 
@@ -42,14 +44,8 @@ def whole_model(name: str, batch: int, repeats: int) -> dict:
     variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *shape)))
     x = jax.random.uniform(jax.random.key(1), (batch, *shape))
     y = jnp.zeros((batch,), jnp.int32)
-
-    def ce(v, z):
-        return optax.softmax_cross_entropy_with_integer_labels(model.apply(v, z), y)
-
-    fns = {"forward": jax.jit(model.apply),
-           "grad_input": jax.jit(jax.grad(lambda v, z: jnp.sum(ce(v, z)), argnums=1)),
-           "grad_weights": jax.jit(jax.grad(lambda v, z: jnp.sum(ce(v, z)), argnums=0))}
-    return {k: common.median_ms(f, variables, x, repeats=repeats) for k, f in fns.items()}
+    return _three(model.apply, variables, x, repeats, loss=lambda logits: jnp.sum(
+        optax.softmax_cross_entropy_with_integer_labels(logits, y)))
 
 
 def small_cnn_layers(batch: int, repeats: int) -> dict:

@@ -46,7 +46,6 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import tscnc_jax as tj
 from benchmarks import attacks as attack_bench
@@ -103,15 +102,7 @@ def torch_comparison(batch: int, repeats: int) -> dict | None:
         import torch  # noqa: F401
     except ImportError:
         return None
-    rng = np.random.default_rng(0)
-    data = {"image": rng.uniform(0, 1, (batch, 28, 28, 1)).astype(np.float32),
-            "label": rng.integers(0, 10, batch).astype(np.int32)}
-    rows = {}
-    for loss in ("clean", "pgd_at", "trades"):
-        jax_s = torch_twin._jax_step_time(loss, data, repeats)
-        torch_s = torch_twin._torch_step_time(loss, data, repeats)
-        rows[loss] = {"jax_s": jax_s, "torch_s": torch_s, "ratio": jax_s / torch_s}
-    return rows
+    return torch_twin.compare(batch, repeats)
 
 
 def _update_seconds(tx, params, repeats: int) -> float:
