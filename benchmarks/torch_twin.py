@@ -8,7 +8,8 @@ logits), same attack schedule (10 sign-gradient steps of eps/4, eps 0.1, project
 L-inf ball and [0, 1]; PGD-AT from a uniform start, TRADES from x + 0.001 N(0, I)), same
 optimizer (SGD, Nesterov momentum 0.9, weight decay 5e-4). PyTorch (CPU build, benchmark-only
 optional dependency: ``pip install torch==2.13.0``) runs eagerly with its default intra-op
-threads. Medians over repeats after two warm-up steps; both measured in this one process.
+threads. Medians over repeats after two warm-up steps; in every repeat both frameworks run one
+step, in alternating order, in this one process.
 """
 
 from __future__ import annotations
@@ -28,24 +29,25 @@ EPS = 0.1
 STEPS = 10
 
 
-def _jax_step_time(loss: str, batch: dict, repeats: int) -> float:
+def _jax_step(loss: str, batch: dict):
+    """A no-argument callable that runs one jitted training step and waits for it."""
     model = tj.create_model("small_cnn")
     tx = training.make_optimizer(0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
     state = training.create_train_state(model, tx, jax.random.key(0), (28, 28, 1))
     attack = training.default_attack(loss, eps=EPS, steps=STEPS, step_size=EPS / 4)
     step = jax.jit(training.make_train_step(model, tx, loss=loss, attack=attack, beta=6.0,
                                             ema_decay=None), donate_argnums=0)
-    times = []
-    for i in range(repeats + 2):
-        t0 = time.perf_counter()
-        state, metrics = step(state, batch)
+    holder = {"state": state}
+
+    def run():
+        holder["state"], metrics = step(holder["state"], batch)
         jax.block_until_ready(metrics)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+
+    return run
 
 
-def _torch_step_time(loss: str, batch: dict, repeats: int) -> float:
+def _torch_step(loss: str, batch: dict):
+    """A no-argument callable that runs one eager PyTorch training step."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -98,25 +100,35 @@ def _torch_step_time(loss: str, batch: dict, repeats: int) -> float:
         obj.backward()
         opt.step()
 
-    times = []
-    for i in range(repeats + 2):
-        t0 = time.perf_counter()
-        step()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return step
+
+
+def interleaved_medians(fns: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each no-argument callable, timed in alternating order within every
+    repeat (``a b``, then ``b a``, ...) so that drift in the machine's speed, and whatever one
+    framework leaves running, hit both sides alike."""
+    names = list(fns)
+    times = {n: [] for n in names}
+    for i in range(warmup + repeats):
+        for n in (names if i % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            fns[n]()
+            if i >= warmup:
+                times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}
 
 
 def compare(batch_size: int, repeats: int) -> dict[str, dict[str, float]]:
     """``{loss: {"jax_s", "torch_s", "ratio"}}`` for clean, PGD-AT-10 and TRADES-10 steps on the
-    same random batch, measured one after the other in this process."""
+    same random batch, the two frameworks' steps interleaved in this process."""
     rng = np.random.default_rng(0)
     batch = {"image": rng.uniform(0, 1, (batch_size, 28, 28, 1)).astype(np.float32),
              "label": rng.integers(0, 10, batch_size).astype(np.int32)}
     rows = {}
     for loss in ("clean", "pgd_at", "trades"):
-        jax_s = _jax_step_time(loss, batch, repeats)
-        torch_s = _torch_step_time(loss, batch, repeats)
+        t = interleaved_medians({"jax": _jax_step(loss, batch),
+                                 "torch": _torch_step(loss, batch)}, repeats)
+        jax_s, torch_s = t["jax"], t["torch"]
         rows[loss] = {"jax_s": jax_s, "torch_s": torch_s, "ratio": jax_s / torch_s}
         print(f"{loss}: JAX {jax_s * 1e3:.1f} ms, PyTorch {torch_s * 1e3:.1f} ms", flush=True)
     return rows

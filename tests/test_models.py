@@ -1,5 +1,7 @@
 """Models: shapes, parameter naming, and the fast convolution/pooling lowerings."""
 
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,8 +34,9 @@ def test_im2col_conv_matches_xla(shape, kernel, strides, padding):
     out = models._im2col_conv(x, w, strides, padding)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
     # The Conv module gives the same numbers whichever lowering it picks.
-    for threshold in (0, 10_000):
-        conv = models.Conv(6, kernel, strides, padding, im2col_max_pixels=threshold)
+    for pixels, channels in ((0, 0), (10_000, 0), (0, 10_000)):
+        conv = models.Conv(6, kernel, strides, padding, im2col_max_pixels=pixels,
+                           im2col_max_channels=channels)
         variables = {"params": {"kernel": w, "bias": jnp.zeros(6)}}
         np.testing.assert_allclose(conv.apply(variables, x), ref, rtol=1e-5, atol=1e-5)
 
@@ -49,6 +52,43 @@ def test_conv_has_nn_conv_parameters():
 def test_max_pool_matches_flax(shape):
     x = jax.random.normal(jax.random.key(1), shape)
     np.testing.assert_array_equal(models.max_pool_2x2(x), nn.max_pool(x, (2, 2), (2, 2)))
+    # Windows of random normals have a unique max: the gradient is nn.max_pool's too.
+    g = jax.random.normal(jax.random.key(2), models.max_pool_2x2(x).shape)
+    ours = jax.vjp(models.max_pool_2x2, x)[1](g)[0]
+    flax_grad = jax.vjp(lambda z: nn.max_pool(z, (2, 2), (2, 2)), x)[1](g)[0]
+    np.testing.assert_array_equal(ours, flax_grad)
+
+
+def _pool_reference_grad(x: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """float64 loop: each window's cotangent shared equally among the elements equal to its max."""
+    out = np.zeros_like(x, dtype=np.float64)
+    b, h, w, c = x.shape
+    for n, i, j, k in np.ndindex(b, h // 2, w // 2, c):
+        window = x[n, 2 * i:2 * i + 2, 2 * j:2 * j + 2, k]
+        hit = window == window.max()
+        out[n, 2 * i:2 * i + 2, 2 * j:2 * j + 2, k] = hit * g[n, i, j, k] / hit.sum()
+    return out
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 4, 3), (2, 7, 5, 3)])
+def test_max_pool_gradient_shares_ties_like_jnp_max(shape):
+    # Values from {0, 1, 2} make ties common, as ReLU's zeros do in a network.
+    x = jax.random.randint(jax.random.key(3), shape, 0, 3).astype(jnp.float32)
+    y, vjp = jax.vjp(models.max_pool_2x2, x)
+    g = jax.random.normal(jax.random.key(4), y.shape)
+    ours = np.asarray(vjp(g)[0])
+    even = (shape[1] // 2 * 2, shape[2] // 2 * 2)
+    ref = np.zeros(shape)
+    ref[:, :even[0], :even[1]] = _pool_reference_grad(
+        np.asarray(x)[:, :even[0], :even[1]], np.asarray(g, np.float64))
+    np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-7)
+    assert np.all(ours[:, even[0]:] == 0) and np.all(ours[:, :, even[1]:] == 0)
+    # And autodiff of the plain reshape-and-max agrees.
+    def autodiff_pool(z):
+        b, h, w, c = z.shape
+        z = z[:, :even[0], :even[1]]
+        return z.reshape(b, even[0] // 2, 2, even[1] // 2, 2, c).max(axis=(2, 4))
+    np.testing.assert_allclose(ours, jax.vjp(autodiff_pool, x)[1](g)[0], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("name, kwargs, input_shape, n_params", [
@@ -116,3 +156,51 @@ def test_create_model_errors():
         tj.create_model("small_cnn", widht=3)
     with pytest.raises(ValueError, match="6n \\+ 4"):
         tj.create_model("wide_resnet", depth=12).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+
+
+@pytest.mark.parametrize("strides, padding", [((1, 1), "SAME"), ((2, 2), "SAME"), ((2, 1), "VALID")])
+def test_xla_conv_derivatives_equal_autodiff(strides, padding):
+    # The hand-written JVP (whose transpose XLA:CPU lowers to its fast convolution) must give
+    # autodiff's numbers, forward and reverse mode, with respect to either argument or both.
+    kx, kw, kt = jax.random.split(jax.random.key(5), 3)
+    x = jax.random.normal(kx, (2, 7, 6, 3))
+    w = jax.random.normal(kw, (3, 3, 3, 4))
+
+    def ref(z, k):
+        return lax.conv_general_dilated(z, k, strides, padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def ours(z, k):
+        return models._xla_conv(z, k, strides, padding)
+
+    def loss(f):
+        return lambda z, k: jnp.sum(jnp.sin(f(z, k)))
+
+    for argnums in (0, 1, (0, 1)):
+        a = jax.grad(loss(ours), argnums)(x, w)
+        b = jax.grad(loss(ref), argnums)(x, w)
+        jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5), a, b)
+    tangents = (jax.random.normal(kt, x.shape), jnp.ones_like(w))
+    _, jvp_ours = jax.jvp(ours, (x, w), tangents)
+    _, jvp_ref = jax.jvp(ref, (x, w), tangents)
+    np.testing.assert_allclose(jvp_ours, jvp_ref, rtol=1e-5, atol=1e-5)
+    # Second order (a gradient-norm penalty differentiates through the input gradient).
+    hvp = jax.grad(lambda k: jnp.sum(jax.grad(loss(ours))(x, k) ** 2))(w)
+    hvp_ref = jax.grad(lambda k: jnp.sum(jax.grad(loss(ref))(x, k) ** 2))(w)
+    np.testing.assert_allclose(hvp, hvp_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_attack_loop_convolutions_use_standard_kernel_layout():
+    # A lowering contract (no timing): inside a PGD while loop, every convolution of the small
+    # CNN's input gradient must read its kernel in HWIO order (dim_labels ..._01io->...); the
+    # swapped 01oi form is the one XLA:CPU runs 2.5x slower. Checked on the compiled HLO.
+    model = tj.create_model("small_cnn")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    x = jnp.zeros((8, 28, 28, 1))
+    y = jnp.zeros((8,), jnp.int32)
+    attack = jax.jit(lambda v, z: tj.pgd(lambda u: model.apply(v, u), z, y,
+                                         key=jax.random.key(1), eps=0.1, steps=3))
+    hlo = attack.lower(variables, x).compile().as_text()
+    labels = re.findall(r"dim_labels=(\w+)->", hlo)
+    assert labels, "no convolution in the compiled attack"
+    assert all(lab.endswith("_01io") for lab in labels), labels

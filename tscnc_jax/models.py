@@ -20,19 +20,24 @@ the project's 2-core machine): XLA:CPU lowers a 3x3 convolution with a 2x2 outpu
 direct convolution, 1503 ms against 19.6 ms as im2col + matmul for 512->512 channels; from 4x4
 outputs on, XLA's own convolution is as fast or faster (88 vs 99 ms at 4x4, 121 vs 192 ms at
 16x16). :class:`Conv` therefore switches to im2col + matmul for outputs of at most 4 pixels, with
-the same parameters. 2x2 max pooling is a reshape-and-max, 3.8-13x faster than ``nn.max_pool``
-forward + backward at the shapes of the small CNN and VGG.
+the same parameters. It does the same for inputs of at most 3 channels (a first layer): on a
+28x28x1 -> 32 conv the input gradient takes 2.8 ms as im2col against 8.5 ms (32x32x3 -> 64:
+26 vs 46 ms), while at 8 channels im2col is already 5x slower. 2x2 max pooling is a
+reshape-and-max, 3.8-13x faster than ``nn.max_pool`` forward + backward at the shapes of the
+small CNN and VGG, with a hand-written elementwise backward that halves the small CNN's input
+gradient again (47 -> 23 ms at batch 128) against autodiff of the reshape-and-max.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax import lax
+from jax import custom_derivatives, lax
 
 from tscnc_jax import sparsity
 
@@ -41,13 +46,51 @@ Array = jax.Array
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_in", "normal")  # He et al. 2015
 
 
+def _window_broadcast(y: Array) -> Array:
+    """Repeats each pixel of ``(b, h, w, c)`` over a 2x2 window: ``(b, 2h, 2w, c)``."""
+    b, h, w, c = y.shape
+    return jnp.broadcast_to(y[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(
+        b, 2 * h, 2 * w, c)
+
+
+def _is_zero(tangent: Any) -> bool:
+    return isinstance(tangent, custom_derivatives.SymbolicZero)
+
+
+@jax.custom_jvp
+def _max_pool_2x2_even(x: Array) -> Array:
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+@_max_pool_2x2_even.defjvp
+def _max_pool_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    # JAX's own rule for a max reduction, written so that its transpose (the backward pass) is
+    # elementwise: a window's tangent is the mean of the tangents of the elements equal to its
+    # max. Ties are common (a zero image background gives a constant conv output). Autodiff of
+    # the reshape-and-max gives the same numbers, but its transpose lowers to 6-D transposes and
+    # a reduction that XLA:CPU ran several times slower than the forward; here the tie count is
+    # a sum of four strided slices, and the transpose a broadcast times the tie mask, which fuse.
+    (x,), (dx,) = primals, tangents
+    y = _max_pool_2x2_even(x)
+    b, h, w, c = x.shape
+    hit = (x == _window_broadcast(y)).astype(x.dtype)
+    count = hit[:, 0::2, 0::2] + hit[:, 0::2, 1::2] + hit[:, 1::2, 0::2] + hit[:, 1::2, 1::2]
+    dy = (hit * dx).reshape(b, h // 2, 2, w // 2, 2, c).sum(axis=(2, 4)) / count
+    return y, dy
+
+
 def max_pool_2x2(x: Array) -> Array:
-    """2x2 max pooling with stride 2 (VALID: an odd last row/column is dropped), NHWC."""
+    """2x2 max pooling with stride 2 (VALID: an odd last row/column is dropped), NHWC.
+
+    Same values as ``nn.max_pool(x, (2, 2), (2, 2))``, and the gradient of ``jnp.max`` over each
+    window: ties share the cotangent equally (``nn.max_pool``'s select-and-scatter gives all of
+    it to one of them; the two agree wherever a window's max is unique).
+    """
     b, h, w, c = x.shape
     if h < 2 or w < 2:
         raise ValueError(f"max_pool_2x2 needs spatial size >= 2, got {h}x{w}.")
-    x = x[:, : h - h % 2, : w - w % 2, :]
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    return _max_pool_2x2_even(x[:, : h - h % 2, : w - w % 2, :])
 
 
 def _im2col_conv(x: Array, kernel: Array, strides: tuple[int, int], padding: str) -> Array:
@@ -74,11 +117,44 @@ def _im2col_conv(x: Array, kernel: Array, strides: tuple[int, int], padding: str
     return jnp.concatenate(cols, axis=-1) @ kernel.reshape(-1, c_out)
 
 
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2, 3))
+def _xla_conv(x: Array, kernel: Array, strides: tuple[int, int], padding: str) -> Array:
+    """``lax.conv_general_dilated`` in NHWC / HWIO, with a backward XLA:CPU runs at full speed."""
+    return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC)
+
+
+def _xla_conv_jvp(strides, padding, primals, tangents):
+    # Autodiff's input gradient is a convolution that reads the kernel with its in/out features
+    # swapped (dim_labels 01oi). Inside a while loop (every attack) XLA:CPU does not hand such a
+    # convolution to its fast (YNNPACK) kernels: it ran 2.5x slower than the forward conv. Here
+    # the tangent in x goes through a copy of the kernel stored (kh, kw, c_out, c_in) (the
+    # barrier stops XLA folding the transpose back), so its transpose -- the input gradient --
+    # is a standard 01io convolution. The numbers are autodiff's, bit for bit (tests).
+    (x, kernel), (dx, dkernel) = primals, tangents
+    terms = []
+    if not _is_zero(dx):
+        swapped = lax.optimization_barrier(kernel.transpose(0, 1, 3, 2))
+        terms.append(lax.conv_general_dilated(dx, swapped, strides, padding,
+                                              dimension_numbers=("NHWC", "HWOI", "NHWC")))
+    if not _is_zero(dkernel):
+        terms.append(lax.conv_general_dilated(x, dkernel, strides, padding,
+                                              dimension_numbers=_NHWC))
+    return _xla_conv(x, kernel, strides, padding), sum(terms[1:], terms[0])
+
+
+_xla_conv.defjvp(_xla_conv_jvp, symbolic_zeros=True)
+
+
 class Conv(nn.Module):
     """2-D convolution with ``nn.Conv``'s parameters (``kernel (kh, kw, c_in, c_out)``, ``bias``).
 
-    Outputs of at most ``im2col_max_pixels`` pixels (default: 2x2) are computed as im2col +
-    matmul (77x faster on XLA:CPU, see the module docstring); larger ones with
+    Outputs of at most ``im2col_max_pixels`` pixels (default: 2x2), and inputs of at most
+    ``im2col_max_channels`` channels (default 3: a first layer on grey or RGB images), are
+    computed as im2col + matmul (77x faster on XLA:CPU for the former, 1.8-3x faster input
+    gradient for the latter, see the module docstring); the rest with
     ``lax.conv_general_dilated``. Both give the same result to float32 rounding.
     """
 
@@ -90,6 +166,7 @@ class Conv(nn.Module):
     dtype: Any = jnp.float32
     kernel_init: Callable = conv_kernel_init
     im2col_max_pixels: int = 4
+    im2col_max_channels: int = 3
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -102,12 +179,10 @@ class Conv(nn.Module):
             out_pixels = -(-h // sh) * -(-w // sw)
         else:
             out_pixels = ((h - kh) // sh + 1) * ((w - kw) // sw + 1)
-        if out_pixels <= self.im2col_max_pixels:
+        if out_pixels <= self.im2col_max_pixels or x.shape[-1] <= self.im2col_max_channels:
             y = _im2col_conv(x, kernel, self.strides, self.padding)
         else:
-            y = lax.conv_general_dilated(
-                x, kernel, self.strides, self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
-            )
+            y = _xla_conv(x, kernel, tuple(self.strides), self.padding)
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
         return y
