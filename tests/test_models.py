@@ -158,7 +158,8 @@ def test_create_model_errors():
         tj.create_model("wide_resnet", depth=12).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
 
 
-@pytest.mark.parametrize("strides, padding", [((1, 1), "SAME"), ((2, 2), "SAME"), ((2, 1), "VALID")])
+@pytest.mark.parametrize("strides, padding",
+                         [((1, 1), "SAME"), ((2, 2), "SAME"), ((2, 1), "VALID")])
 def test_xla_conv_derivatives_equal_autodiff(strides, padding):
     # The hand-written JVP (whose transpose XLA:CPU lowers to its fast convolution) must give
     # autodiff's numbers, forward and reverse mode, with respect to either argument or both.
