@@ -40,11 +40,14 @@ pytest: $(STAMP)
 test: lint pytest
 
 # The full benchmark run: tens of minutes on a 2-core CPU, mostly VGG-16 / ResNet-18 TRADES steps;
-# tables and JSON in benchmarks/results/run.md. It installs PyTorch (benchmark-only, for the twin)
-# when missing. `make test` runs the --quick smoke (tests/test_benchmarks.py), without PyTorch.
+# tables and JSON in benchmarks/results/run.md. It installs PyTorch and torchattacks (benchmark-
+# only, for the twins; torchattacks without its torchvision requirement, which it does not need
+# for the attacks used) when missing. `make test` runs the --quick smoke, without either.
 bench: $(STAMP)
 	@$(BIN)/python -c "import torch" 2>/dev/null || \
 	  $(BIN)/python -m pip install -q --disable-pip-version-check torch==2.13.0
+	@$(BIN)/python -c "import torchattacks" 2>/dev/null || \
+	  $(BIN)/python -m pip install -q --disable-pip-version-check --no-deps torchattacks==3.5.1
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m benchmarks.run --out benchmarks/results/run.md
 
 clean:

@@ -54,7 +54,8 @@ def synthetic_28x28(key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
 
 
 def train_small_cnn(steps: int, seed: int = 0):
-    """Returns ``(logits_fn, n_params, clean_accuracy)`` after ``steps`` Adam steps (batch 128)."""
+    """Returns ``(logits_fn, n_params, clean_accuracy)`` after ``steps`` Adam steps (batch 128);
+    ``logits_fn.args[0]`` holds the trained variables."""
     model = SmallCNN()
     x_tr, y_tr = synthetic_28x28(jax.random.key(seed), 8192)
     params = model.init(jax.random.key(seed + 1), x_tr[:1])

@@ -15,20 +15,22 @@ compiling call):
    (the attack's), i.e. clean ``3F``, PGD-AT-10 ``10 * 2F + 3F + F`` (the clean forward for the
    accuracy), TRADES-10 ``F + 10 * 2F + 2 * 3F``. (XLA's cost analysis counts a loop body once,
    so the step's own count would miss the attack iterations.)
-3. **JAX vs PyTorch** (small CNN, same architecture, loss and attack schedule;
-   ``benchmarks/torch_twin.py``): step times and the JAX / PyTorch ratio, when torch is
-   installed (``pip install torch==2.13.0``; a benchmark-only dependency).
+3. **JAX vs PyTorch** (the three models' PyTorch twins, same architecture, loss, attack schedule
+   and optimizer; ``benchmarks/torch_twin.py``): step times, interleaved, and the JAX / PyTorch
+   ratio, when torch is installed (``pip install torch==2.13.0``; a benchmark-only dependency).
+   ``--repeats`` for the small CNN, at most 3 for VGG-16 and ResNet-18.
 4. **Penalty overhead** per model: the optax update of the exact CNC, the tracked CNC
    (``add_tracked_condition_number_penalty``, k = 16, steady state between resynchronisations)
    and the TSC, as ms and as a percentage of the same model's TRADES-10 step from section 2.
 5. **Attack throughput** (small CNN): images/s of PGD-20 and the fast ensemble (+ APGD-CE and the
-   standard ensemble without ``--quick``), from ``benchmarks/attacks.py``.
+   standard ensemble without ``--quick``), from ``benchmarks/attacks.py``; and, when torch and
+   torchattacks are installed, the fast ensemble against torchattacks' APGD-CE + APGD-T + Square
+   at the same budgets on the same weights (``benchmarks/torchattacks_twin.py``).
 6. **Scaling**: exact vs tracked CNC value + gradient against kernel size (64x64 to 4608x512),
    and the small CNN's TRADES-10 step time against the batch size.
 
 ``--quick`` is a smoke run (about a minute here; the test suite runs it and asserts the tables,
-never timings). Not yet here: PyTorch twins of VGG-16 / ResNet-18 and torchattacks' AutoAttack
-on the same weights.
+never timings); it skips the PyTorch sections.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import jax.numpy as jnp
 
 import tscnc_jax as tj
 from benchmarks import attacks as attack_bench
-from benchmarks import cnc_estimator, common, torch_twin, train_step
+from benchmarks import cnc_estimator, common, torch_twin, torchattacks_twin, train_step
 
 LOSSES = [("clean", False), ("pgd_at", False), ("trades", False), ("trades", True)]
 # Forward-pass equivalents per step (see the module docstring).
@@ -97,12 +99,24 @@ def train_steps(models, batch: int, repeats: int, peak_gflops: float) -> list[di
     return rows
 
 
+def _have(*modules: str) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
 def torch_comparison(batch: int, repeats: int) -> dict | None:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
+    if not _have("torch"):
         return None
-    return torch_twin.compare(batch, repeats)
+    rows = torch_twin.compare(batch, repeats, models=("small_cnn",))
+    rows.update(torch_twin.compare(batch, min(repeats, 3), models=("vgg16", "resnet18")))
+    return rows
+
+
+def torchattacks_comparison(batch: int, repeats: int) -> dict | None:
+    if not _have("torch", "torchattacks"):
+        return None
+    return torchattacks_twin.compare(batch, repeats, 0.1)
 
 
 def _update_seconds(tx, params, repeats: int) -> float:
@@ -156,14 +170,12 @@ def to_markdown(r: dict) -> str:
         step = s["loss"] + ("-10" if s["loss"] != "clean" else "") + (" + TSCNC" * s["tscnc"])
         out.append(f"| {s['model']} | {step} | {s['median_s'] * 1e3:.1f} | "
                    f"{s['images_per_s']:.1f} | {s['gflops']:.1f} | {s['percent_of_peak']:.1f} |")
-    out += ["", "## 3. JAX vs PyTorch (small CNN)", ""]
+    out += ["", "## 3. JAX vs PyTorch", ""]
     if r["torch"] is None:
-        out.append("Skipped: PyTorch is not installed (`pip install torch==2.13.0`).")
+        out.append("Skipped (`--quick`, or PyTorch not installed: `pip install torch==2.13.0`).")
     else:
-        out += ["| step | JAX ms | PyTorch ms | JAX / PyTorch time |", "|---|---:|---:|---:|"]
-        for loss, t in r["torch"].items():
-            out.append(f"| {loss} | {t['jax_s'] * 1e3:.1f} | {t['torch_s'] * 1e3:.1f} | "
-                       f"{t['ratio']:.2f} |")
+        out += ["Same batch, steps of the two frameworks interleaved; medians.", ""]
+        out += torch_twin.to_markdown(r["torch"])
     out += ["", "## 4. Penalty overhead (optax update, every kernel)", "",
             "| model | TRADES-10 ms | CNC exact | CNC tracked k=16 | TSC |",
             "|---|---:|---:|---:|---:|"]
@@ -179,6 +191,12 @@ def to_markdown(r: dict) -> str:
             "|---|---:|---:|"]
     for name, w in a["workloads"].items():
         out.append(f"| {name} | {w['images_per_second']:.1f} | {w['robust_accuracy']:.3f} |")
+    out += ["", "Against torchattacks (fast-ensemble budgets, same weights and batch, "
+            "interleaved):", ""]
+    if r["torchattacks"] is None:
+        out.append("Skipped (`--quick`, or torch / torchattacks not installed).")
+    else:
+        out += torchattacks_twin.to_markdown(r["torchattacks"])
     out += ["", "## 6. Scaling", "", "CNC value + gradient per kernel (ms):", "",
             "| fan_in x fan_out | exact | tracked k=16 |", "|---|---:|---:|"]
     for k in r["kernels"]:
@@ -212,6 +230,7 @@ def main() -> None:
     r["torch"] = None if quick else torch_comparison(batch, repeats)
     r["penalties"] = penalty_overhead(models, trades_s, repeats)
     r["attacks"] = attack_throughput(quick, repeats)
+    r["torchattacks"] = None if quick else torchattacks_comparison(batch, min(repeats, 3))
     matrices = cnc_estimator.MATRICES[:2] if quick else cnc_estimator.MATRICES
     r["kernels"] = cnc_estimator.bench_kernels(matrices, [16], repeats)
     r["batches"] = batch_scaling([8, 16] if quick else [32, 64, 128, 256], repeats)

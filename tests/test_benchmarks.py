@@ -8,6 +8,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -37,3 +38,73 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     penalty = results["penalties"][0]
     assert penalty["model"] == "small_cnn" and penalty["cnc_exact"] > 0 and penalty["tsc"] > 0
     assert [b["batch"] for b in results["batches"]] == [8, 16]
+
+
+def _small_cnn_nchw_float64(sd: dict, x_nchw: np.ndarray) -> np.ndarray:
+    """The PyTorch twin's forward written out in NumPy float64 (NCHW, OIHW, Linear (out, in))."""
+
+    def conv3x3_same(x, w, b):
+        n, c, h, wd = x.shape
+        xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+        out = np.zeros((n, w.shape[0], h, wd))
+        for i in range(3):
+            for j in range(3):
+                out += np.einsum("nchw,oc->nohw", xp[:, :, i:i + h, j:j + wd], w[:, :, i, j])
+        return out + b[None, :, None, None]
+
+    def relu_pool(x):
+        n, c, h, w = x.shape
+        return np.maximum(x, 0).reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+
+    sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
+    x = relu_pool(conv3x3_same(x_nchw, sd["Conv_0.weight"], sd["Conv_0.bias"]))
+    x = relu_pool(conv3x3_same(x, sd["Conv_1.weight"], sd["Conv_1.bias"]))
+    x = np.maximum(x.reshape(x.shape[0], -1) @ sd["Dense_0.weight"].T + sd["Dense_0.bias"], 0)
+    return x @ sd["Dense_1.weight"].T + sd["Dense_1.bias"]
+
+
+def test_state_dict_converter_matches_an_nchw_float64_forward():
+    # The converter (HWIO -> OIHW, (in, out) -> (out, in), NHWC -> NCHW flatten order of the
+    # first Dense) checked without torch: our logits equal a float64 NCHW forward on its output.
+    import jax
+    import jax.numpy as jnp
+
+    import tscnc_jax as tj
+    from benchmarks import torch_twin
+
+    model = tj.create_model("small_cnn")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    variables = jax.tree.map(  # non-zero biases, so their placement is checked too
+        lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape), variables)
+    x = np.random.default_rng(0).uniform(0, 1, (3, 28, 28, 1)).astype(np.float32)
+    sd = torch_twin.state_dict_from_flax("small_cnn", variables)
+    assert {k: v.shape for k, v in sd.items()} == {
+        "Conv_0.weight": (32, 1, 3, 3), "Conv_0.bias": (32,), "Conv_1.weight": (64, 32, 3, 3),
+        "Conv_1.bias": (64,), "Dense_0.weight": (128, 3136), "Dense_0.bias": (128,),
+        "Dense_1.weight": (10, 128), "Dense_1.bias": (10,)}
+    ref = _small_cnn_nchw_float64(sd, x.transpose(0, 3, 1, 2).astype(np.float64))
+    np.testing.assert_allclose(model.apply(variables, x), ref, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="no PyTorch twin"):
+        torch_twin.state_dict_from_flax("wide_resnet", variables)
+
+
+@pytest.mark.parametrize("name", ["small_cnn", "vgg16", "resnet18"])
+def test_torch_twins_give_our_logits(name):
+    torch = pytest.importorskip("torch")  # a benchmark-only dependency (make bench installs it)
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks import torch_twin, train_step
+
+    make_model, shape = train_step.MODELS[name]
+    model = make_model()
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, *shape)))
+    if "batch_stats" in variables:  # running statistics away from (0, 1)
+        variables = {**variables, "batch_stats": jax.tree.map(
+            lambda a: a + 0.3 * jax.random.uniform(jax.random.key(2), a.shape),
+            variables["batch_stats"])}
+    x = np.random.default_rng(0).uniform(0, 1, (2, *shape)).astype(np.float32)
+    twin = torch_twin.build_twin(name, variables).eval()
+    with torch.no_grad():
+        theirs = twin(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
+    np.testing.assert_allclose(model.apply(variables, x), theirs, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,138 @@
+"""Our AutoAttack ensemble against torchattacks' on the same weights, same data, same budgets.
+
+    python -m benchmarks.torchattacks_twin [--repeats 3] [--batch 128] [--eps 0.1]
+
+The small CNN of :mod:`benchmarks.attacks` (trained briefly on synthetic 28x28 data) is copied
+into its PyTorch twin (:func:`benchmarks.torch_twin.build_twin`), and both ensembles run at equal
+settings, those of our ``fast`` version: APGD-CE (25 iterations, 1 restart, rho 0.75), APGD-T (25
+iterations, 3 target classes, 1 restart), Square (250 queries, p_init 0.8, rescaled schedule),
+each later attack run only on the examples the earlier ones left (torchattacks'
+``MultiAttack``). torchattacks 3.5.1 (``pip install --no-deps torchattacks==3.5.1``; a
+benchmark-only dependency, like torch) runs eagerly with PyTorch's default threads. Two
+workloads: at ``eps`` (APGD-CE breaks most examples) and at eps = 0 (nothing ever breaks, every
+attack runs its full budget: the cost on a model robust on every example). Images per second
+are medians over repeats, the two libraries interleaved in every repeat; robust accuracy is
+reported for both as a sanity check (they are different implementations with different random
+draws, so they need not agree exactly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import attacks as attack_bench
+from benchmarks import torch_twin
+from tscnc_jax import attacks
+
+FAST = attacks.AUTOATTACK_FAST
+
+
+def _torchattacks_ensemble(twin, eps: float):
+    import torchattacks
+
+    apgd_t = torchattacks.APGDT(twin, eps=eps, steps=FAST.apgd_t_steps,
+                                n_restarts=FAST.apgd_t_restarts, rho=FAST.rho, n_classes=10)
+    apgd_t.n_target_classes = FAST.apgd_t_targets
+    return torchattacks.MultiAttack([
+        torchattacks.APGD(twin, eps=eps, steps=FAST.apgd_ce_steps, loss="ce",
+                          n_restarts=FAST.apgd_ce_restarts, rho=FAST.rho),
+        apgd_t,
+        torchattacks.Square(twin, eps=eps, n_queries=FAST.square_queries,
+                            p_init=FAST.square_p_init, n_restarts=FAST.square_restarts,
+                            resc_schedule=FAST.square_rescale_schedule),
+    ])
+
+
+def compare(batch: int, repeats: int, eps: float, train_steps: int = 100) -> dict:
+    """``{"at_eps": row, "worst": row}``, each row with both libraries' images/s, robust
+    accuracy and the ratio of throughputs (ours / torchattacks')."""
+    logits_fn, _, clean_acc = attack_bench.train_small_cnn(train_steps)
+    variables = logits_fn.args[0]
+    twin = torch_twin.build_twin("small_cnn", variables).eval()
+    x, y = attack_bench.synthetic_28x28(jax.random.key(99), batch)
+    rows = {"clean_accuracy": clean_acc, "batch": batch, "eps": eps}
+    for label, e in (("at_eps", eps), ("worst", 0.0)):
+        rows[label] = _workload(logits_fn, twin, x, y, e, repeats)
+        print(f"{label}: ours {rows[label]['ours_images_per_s']:.1f} img/s, torchattacks "
+              f"{rows[label]['torchattacks_images_per_s']:.1f} img/s", flush=True)
+    return rows
+
+
+def _workload(logits_fn, twin, x, y, eps: float, repeats: int) -> dict:
+    import torch
+
+    batch = x.shape[0]
+    x_t = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous()
+    y_t = torch.from_numpy(np.asarray(y)).long()
+    ours = jax.jit(lambda a, b, k: attacks.auto_attack(
+        logits_fn, a, b, key=k, eps=eps, version="fast").x_adv).lower(
+        x, y, jax.random.key(0)).compile()
+    theirs = _torchattacks_ensemble(twin, eps)
+    out = {}
+
+    def run_ours():
+        out["ours"] = jax.block_until_ready(ours(x, y, jax.random.key(0)))
+
+    def run_theirs():
+        out["theirs"] = theirs(x_t, y_t).detach()
+
+    t = torch_twin.interleaved_medians({"ours": run_ours, "torchattacks": run_theirs}, repeats,
+                                       warmup=1)
+    x_adv_t = out["theirs"].permute(0, 2, 3, 1).numpy()
+    max_linf = float(np.max(np.abs(x_adv_t - np.asarray(x))))
+    if max_linf > eps + 1e-5 or x_adv_t.min() < 0 or x_adv_t.max() > 1:
+        raise RuntimeError(f"torchattacks left the threat model (L-inf {max_linf} > {eps} or "
+                           "outside [0, 1]): the comparison would not be at equal settings")
+    with torch.no_grad():
+        theirs_acc = float((twin(out["theirs"]).argmax(1) == y_t).float().mean())
+    predict = jax.jit(lambda z: jnp.argmax(logits_fn(z), -1))
+    return {
+        "eps": eps,
+        "ours_images_per_s": batch / t["ours"],
+        "torchattacks_images_per_s": batch / t["torchattacks"],
+        "speedup": t["torchattacks"] / t["ours"],
+        "ours_robust_accuracy": float(jnp.mean(predict(out["ours"]) == y)),
+        "torchattacks_robust_accuracy": theirs_acc,
+        "torchattacks_max_linf": max_linf,
+    }
+
+
+def to_markdown(r: dict) -> list[str]:
+    lines = ["| workload | eps | ours img/s | torchattacks img/s | speed-up | robust acc. ours / "
+             "torchattacks |", "|---|---:|---:|---:|---:|---:|"]
+    for label, name in (("at_eps", "fast ensemble, at eps"),
+                        ("worst", "fast ensemble, worst case (nothing breaks)")):
+        w = r[label]
+        lines.append(f"| {name} | {w['eps']:g} | {w['ours_images_per_s']:.1f} | "
+                     f"{w['torchattacks_images_per_s']:.1f} | {w['speedup']:.1f}x | "
+                     f"{w['ours_robust_accuracy']:.3f} / {w['torchattacks_robust_accuracy']:.3f} |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--eps", type=float, default=0.1)
+    args = parser.parse_args()
+    try:
+        import torch
+        import torchattacks
+    except ImportError as e:
+        raise SystemExit("benchmark-only dependencies: pip install torch==2.13.0 && "
+                         "pip install --no-deps torchattacks==3.5.1") from e
+    lines = ["# AutoAttack (fast settings): ours vs torchattacks", "",
+             f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} "
+             f"threads), torchattacks {torchattacks.__version__}, {os.cpu_count()} cores; batch "
+             f"{args.batch}; median of {args.repeats} interleaved runs.", ""]
+    lines += to_markdown(compare(args.batch, args.repeats, args.eps))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
