@@ -47,4 +47,5 @@ def machine_info() -> dict:
         "backend": jax.default_backend(),
         "devices": len(jax.devices()),
         "openblas_num_threads": os.environ.get("OPENBLAS_NUM_THREADS", "(unset)"),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }

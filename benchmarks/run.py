@@ -156,7 +156,8 @@ def to_markdown(r: dict) -> str:
     p = r["peak"]
     m = r["machine"]
     machine = (f"{m['processor']}, {m['cpu_count']} cores, jax {m['jax']} ({m['backend']}, "
-               f"{m['devices']} device(s)), OPENBLAS_NUM_THREADS={m['openblas_num_threads']}")
+               f"{m['devices']} device(s)), OPENBLAS_NUM_THREADS={m['openblas_num_threads']}, "
+               f"XLA_FLAGS='{m.get('xla_flags', '')}'")
     out = ["# Benchmarks", "", machine, "",
            "## 1. Practical peak", "",
            f"Jitted float32 {p['n']}x{p['n']} matmul: {p['gflops']:.1f} GFLOP/s "

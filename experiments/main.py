@@ -16,7 +16,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import tscnc_jax as tj
 from experiments import train
+
+# XLA:CPU's faster convolution path for our models (tscnc_jax/xla_cpu.py); before any computation.
+tj.set_fast_cpu_flags()
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (optionally :smoke).",

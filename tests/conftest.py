@@ -17,6 +17,12 @@ import jax
 import numpy as np
 import pytest
 
+import tscnc_jax
+
+# The suite runs under the XLA:CPU configuration of the experiments and benchmarks (inherited by
+# subprocesses and notebook kernels).
+tscnc_jax.set_fast_cpu_flags()
+
 
 @pytest.fixture
 def x64():

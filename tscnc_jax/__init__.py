@@ -116,6 +116,7 @@ from tscnc_jax.transforms import (
     tscnc,
 )
 from tscnc_jax.tree_utils import apply_masks, check_masks, is_kernel, named_leaves, path_to_str
+from tscnc_jax.xla_cpu import set_fast_cpu_flags
 
 __version__ = "0.1.0"
 
@@ -202,6 +203,7 @@ __all__ = [
     "pgd_loss_curve",
     "random_masks",
     "scores_to_masks",
+    "set_fast_cpu_flags",
     "singular_values",
     "smooth_log_condition_number",
     "sparsify",
