@@ -32,7 +32,7 @@ flags.DEFINE_string("workdir", None, "Parent directory of the runs' workdirs.")
 flags.DEFINE_string("variant", "", "Config variant for every run (e.g. 'quick', 'cifar10').")
 flags.DEFINE_multi_string("set", [], "key=value config override for every run (repeatable).")
 flags.DEFINE_string("summaries", None, "Directory that keeps a copy of each finished summary.")
-flags.mark_flags_as_required(["workdir"])
+# (Not marked required: experiments.study shares these flags and has a mode without a workdir.)
 
 CONFIGS = pathlib.Path("experiments") / "configs"  # run from the repository root, as main is
 
@@ -50,37 +50,47 @@ def parse_run(arg: str, variant: str) -> tuple[str, str]:
     return name, f"{path}:{variant}" if variant else str(path)
 
 
-def main(argv):
-    if len(argv) < 2:
-        raise app.UsageError("Give one or more config names.")
-    runs = [parse_run(a, FLAGS.variant) for a in argv[1:]]
-    root = pathlib.Path(FLAGS.workdir)
-    overrides = [f"--config.{kv}" for kv in FLAGS.set]
+def run_all(runs: list[tuple[str, str, list[str]]], root: pathlib.Path,
+            summaries: str | None) -> list[str]:
+    """Runs ``(name, config, extra_flags)`` in order (see the module docstring); returns the
+    names of the runs that failed. The comparison table of every finished run is written at the
+    end."""
     failed = []
-    for name, config in runs:
+    for name, config, extra in runs:
         workdir = root / name
         if (workdir / "summary.json").exists():
             print(f"{name}: finished earlier, skipped", flush=True)
         else:
             t0 = time.time()
             cmd = [sys.executable, "-m", "experiments.main", f"--config={config}",
-                   f"--workdir={workdir}", *overrides]
+                   f"--workdir={workdir}", *extra]
             print(" ".join(cmd[1:]), flush=True)
             if subprocess.run(cmd).returncode != 0:
                 failed.append(name)
                 print(f"{name}: FAILED after {time.time() - t0:.0f} s", flush=True)
                 continue
             print(f"{name}: {time.time() - t0:.0f} s", flush=True)
-        if FLAGS.summaries:
-            keep = pathlib.Path(FLAGS.summaries) / name
+        if summaries:
+            keep = pathlib.Path(summaries) / name
             keep.mkdir(parents=True, exist_ok=True)
             for f in ("summary.json", "results.md"):
                 shutil.copy2(workdir / f, keep / f)
-    done = [root / name for name, _ in runs if (root / name / "summary.json").exists()]
+    done = [root / name for name, _, _ in runs if (root / name / "summary.json").exists()]
     if done:
         print(compare.compare(done, root))
-        if FLAGS.summaries:
-            shutil.copy2(root / "results.md", pathlib.Path(FLAGS.summaries) / "results.md")
+        if summaries:
+            shutil.copy2(root / "results.md", pathlib.Path(summaries) / "results.md")
+    return failed
+
+
+def main(argv):
+    if len(argv) < 2:
+        raise app.UsageError("Give one or more config names.")
+    if FLAGS.workdir is None:
+        raise app.UsageError("--workdir is required.")
+    overrides = [f"--config.{kv}" for kv in FLAGS.set]
+    runs = [(*parse_run(a, FLAGS.variant), overrides) for a in argv[1:]]
+    failed = run_all(runs, pathlib.Path(FLAGS.workdir), FLAGS.summaries)
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)} (rerun to resume).")
 

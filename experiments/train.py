@@ -396,9 +396,17 @@ def spectral_report(params, masks=None) -> dict:
               for name, (s, shape) in spectra.items()}
     sigma_max = {name: float(s[0]) for name, (s, _) in spectra.items()}
     log10 = np.log10(np.array(list(kappas.values()), np.float64))
+    # Finite where pruning left all-zero rows / columns (dead inputs, dead units): kappa of what
+    # is left of each kernel, and how much is left.
+    live = spectral.tree_live_condition_numbers(params, masks)
+    live_log10 = np.log10(np.array([v["kappa"] for v in live.values()], np.float64))
     return {"kappa": kappas, "sigma_max": sigma_max,
             "median_log10_kappa": float(np.median(log10)),
             "max_log10_kappa": float(np.max(log10)),
+            "live_kappa": {k: v["kappa"] for k, v in live.items()},
+            "live_shape": {k: [v["live_rows"], v["live_cols"]] for k, v in live.items()},
+            "median_log10_live_kappa": float(np.median(live_log10)),
+            "max_log10_live_kappa": float(np.max(live_log10)),
             "lipschitz_upper_bound": float(np.prod(list(sigma_max.values())))}
 
 
@@ -493,12 +501,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 def results_markdown(summaries: list[dict]) -> str:
     """A results table, one row per run summary."""
     lines = ["| run | sparsity | clean | PGD | ensemble | median log10 kappa | max log10 kappa | "
-             "prod sigma_max |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "max log10 live kappa | prod sigma_max |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summaries:
         pgd = next(v for k, v in s.items() if k.startswith("pgd") and k.endswith("_acc"))
         name = s["config"].get("name", "run")
+        # Summaries written before the live kappa existed have no such field.
+        live = s.get("max_log10_live_kappa")
+        live = "-" if live is None else f"{live:.2f}"
         lines.append(
             f"| {name} | {100 * s['sparsity']:.2f} % | {100 * s['clean_acc']:.2f} | "
             f"{100 * pgd:.2f} | {100 * s['ensemble_acc']:.2f} | {s['median_log10_kappa']:.2f} | "
-            f"{s['max_log10_kappa']:.2f} | {s['lipschitz_upper_bound']:.3g} |")
+            f"{s['max_log10_kappa']:.2f} | {live} | {s['lipschitz_upper_bound']:.3g} |")
     return "\n".join(lines) + "\n"

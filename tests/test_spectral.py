@@ -114,6 +114,37 @@ class TestTreeConditionNumbers:
         assert kappas == {"b/kernel": 1.0}
 
 
+class TestLiveConditionNumbers:
+    def test_dead_rows_and_columns_are_dropped(self):
+        # A 7x5 matrix whose row 2 (an input nobody reads) and column 1 (a unit with no inputs)
+        # are pruned away: the full kappa is inf, the live 6x4 part's is NumPy's cond of it.
+        rng = np.random.default_rng(5)
+        w = rng.standard_normal((7, 5))
+        mask = np.ones_like(w)
+        mask[2, :] = 0
+        mask[:, 1] = 0
+        assert tj.tree_condition_numbers({"k": w}, {"k": mask})["k"] == float("inf")
+        live = tj.tree_live_condition_numbers({"k": w}, {"k": mask})["k"]
+        ref = np.linalg.cond(np.delete(np.delete(w, 2, axis=0), 1, axis=1))
+        np.testing.assert_allclose(live["kappa"], ref, rtol=1e-10)
+        assert (live["live_rows"], live["live_cols"], live["rows"], live["cols"]) == (6, 4, 7, 5)
+        # Its singular values are the full pruned matrix's non-zero ones.
+        s_full = np.linalg.svd(w * mask, compute_uv=False)
+        np.testing.assert_allclose(live["kappa"], s_full[0] / s_full[3], rtol=1e-10)
+
+    def test_dense_kernel_unchanged_and_degenerate_cases(self):
+        rng = np.random.default_rng(6)
+        conv = rng.standard_normal((3, 3, 4, 8))
+        live = tj.tree_live_condition_numbers({"Conv_0": {"kernel": conv}})["Conv_0/kernel"]
+        np.testing.assert_allclose(live["kappa"], np.linalg.cond(_np_matrix(conv)), rtol=1e-10)
+        assert (live["live_rows"], live["live_cols"]) == (36, 8)
+        # A live part that is itself rank deficient stays inf; an all-zero kernel too.
+        rank1 = np.outer(np.arange(1.0, 5.0), np.arange(1.0, 4.0))
+        assert tj.tree_live_condition_numbers({"k": rank1})["k"]["kappa"] == float("inf")
+        empty = tj.tree_live_condition_numbers({"k": np.zeros((4, 3))})["k"]
+        assert empty["kappa"] == float("inf") and empty["live_rows"] == 0
+
+
 @pytest.mark.usefixtures("x64")
 class TestInvariances:
     def test_scale_rotation_identity(self):

@@ -88,6 +88,7 @@ from tscnc_jax.spectral import (
     singular_values,
     smooth_log_condition_number,
     tree_condition_numbers,
+    tree_live_condition_numbers,
 )
 from tscnc_jax.spectral_tracking import (
     TrackedConditionNumberPenaltyState,
@@ -217,5 +218,6 @@ __all__ = [
     "transformed_l1",
     "transformed_sparsity_penalty",
     "tree_condition_numbers",
+    "tree_live_condition_numbers",
     "tscnc",
 ]

@@ -196,6 +196,39 @@ def tree_singular_values(
     return out
 
 
+def tree_live_condition_numbers(
+    params: Any,
+    masks: Any | None = None,
+    filter_fn: tree_utils.FilterFn | None = None,
+) -> dict[str, dict[str, float]]:
+    """Condition number of every kernel's *live* part (float64, host), for heavily pruned nets.
+
+    At 99 % sparsity whole rows of ``as_matrix(kernel * mask)`` (inputs no unit reads) or columns
+    (units with no inputs) can be all zero. Each one makes the matrix rank deficient, so
+    :func:`tree_condition_numbers` reports ``inf``, which says nothing about how the remaining
+    weights are conditioned. This drops the all-zero rows and columns and measures the rest: its
+    non-zero singular values are exactly the full matrix's, and its condition number is ``inf``
+    only if the live part is itself rank deficient (or empty).
+
+    Returns:
+      ``{path: {"kappa", "live_rows", "live_cols", "rows", "cols"}}`` in pytree order (``rows``
+      = fan_in, ``cols`` = fan_out of the full matrix).
+    """
+    out = {}
+    for name, leaf, mask in tree_utils.named_leaves(params, masks, filter_fn):
+        w = np.asarray(jax.device_get(leaf), dtype=np.float64)
+        if mask is not None:
+            w = w * np.asarray(jax.device_get(mask), dtype=np.float64)
+        m = w.reshape(-1, w.shape[-1])
+        live = m[np.any(m != 0, axis=1)][:, np.any(m != 0, axis=0)]
+        kappa = (host_condition_number(np.linalg.svd(live, compute_uv=False), live.shape)
+                 if live.size else float("inf"))
+        out[name] = {"kappa": kappa, "live_rows": int(live.shape[0]),
+                     "live_cols": int(live.shape[1]), "rows": int(m.shape[0]),
+                     "cols": int(m.shape[1])}
+    return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Smooth surrogates (losses).
 # ----------------------------------------------------------------------------------------------

@@ -21,7 +21,11 @@ Fashion-MNIST lengths are estimates from rates measured in those runs: about 0.5
 or PGD-AT-10 step of the small CNN at batch 128 including the per-epoch validation (10 epochs
 are 4,290 steps, about 40 minutes), and 321 s for PGD-20 plus the standard ensemble on 1,000
 test images of the 55 %-robust dense model (about 55 minutes on 10,000; the attacks after
-APGD-CE only run on the points still robust, so a pruned model evaluates faster).
+APGD-CE only run on the points still robust, so a pruned model evaluates faster). All of these
+predate the later speed work (custom convolution / pooling derivatives and
+``tscnc_jax.set_fast_cpu_flags``): a small-CNN TRADES-10 step now takes about 0.2 s
+(``benchmarks/results/run.md``), so expect the quoted times to shrink by up to ~3x; they have not
+been re-measured.
 
 Configs are locked: overriding a key that does not exist (``--config.lerning_rate=...``) fails
 with the key's name.

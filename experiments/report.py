@@ -1,0 +1,241 @@
+"""Tables, figures and correlations of the reproduction study, from its kept run summaries.
+
+    python -m experiments.report --summaries=docs/results/study --out=docs/results/study
+
+Reads every ``<summaries>/<run>/summary.json`` (what :mod:`experiments.study` keeps) and writes
+``<out>/study_tables.md`` (one row per run; mean and spread over seeds; correlations) and three
+figures: ``kappa_vs_sparsity.png`` (median log10 condition number of the live part of the pruned
+kernels, per method), ``robust_vs_sparsity.png`` (ensemble robust accuracy per method) and
+``robust_vs_kappa.png`` (ensemble robust accuracy against median log10 live kappa, every run).
+A run is described by its config: method (``config.name``), model, loss, target sparsity (0 for
+a dense run), seed. Missing runs are simply absent: the report of a partly finished study is
+the report of its finished runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+from collections import defaultdict
+
+import numpy as np
+from absl import app, flags
+from matplotlib.figure import Figure
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("summaries", None, "Directory holding <run>/summary.json.")
+flags.DEFINE_string("out", None, "Directory for study_tables.md and the figures.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    run: str
+    method: str
+    model: str
+    loss: str
+    target: float  # target sparsity, 0 for a dense run
+    seed: int
+    sparsity: float  # measured
+    clean: float
+    pgd: float
+    ensemble: float
+    log10_kappa: float  # median over kernels, may be inf
+    log10_live_kappa: float  # median over kernels of the live parts
+    log10_lipschitz_bound: float
+    local_lipschitz: float
+    wall_seconds: float
+
+    @property
+    def group(self) -> tuple[str, str, str]:
+        return self.model, self.loss, self.method
+
+
+def _record(run: str, s: dict) -> Record:
+    c = s["config"]
+    pruned = "prune" in s.get("stages", []) or "finetune" in s.get("stages", [])
+    pgd = next(v for k, v in s.items() if k.startswith("pgd") and k.endswith("_acc"))
+    live = s.get("median_log10_live_kappa", s["median_log10_kappa"])
+    return Record(run=run, method=c["name"], model=c["model"]["name"], loss=c["loss"],
+                  target=float(c["prune"]["sparsity"]) if pruned else 0.0, seed=int(c["seed"]),
+                  sparsity=float(s["sparsity"]), clean=float(s["clean_acc"]), pgd=float(pgd),
+                  ensemble=float(s["ensemble_acc"]),
+                  log10_kappa=float(s["median_log10_kappa"]), log10_live_kappa=float(live),
+                  log10_lipschitz_bound=math.log10(max(s["lipschitz_upper_bound"], 1e-300)),
+                  local_lipschitz=float(s.get("local_lipschitz_mean", math.nan)),
+                  wall_seconds=float(s.get("wall_seconds", math.nan)))
+
+
+def load(summaries: str | pathlib.Path) -> list[Record]:
+    """Every finished run under ``summaries``, sorted by model, loss, method, sparsity, seed."""
+    root = pathlib.Path(summaries)
+    records = [_record(p.parent.name, json.loads(p.read_text()))
+               for p in sorted(root.glob("*/summary.json"))]
+    if not records:
+        raise FileNotFoundError(f"no <run>/summary.json under {root}: run experiments.study "
+                                f"with --summaries={root} first.")
+    return sorted(records, key=lambda r: (r.model, r.loss, r.method, r.target, r.seed))
+
+
+def aggregate(records: list[Record]) -> list[dict]:
+    """Mean, sample standard deviation and count over seeds per (model, loss, method, target)."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[(*r.group, r.target)].append(r)
+    out = []
+    for (model, loss, method, target), rs in groups.items():
+        row = {"model": model, "loss": loss, "method": method, "target": target, "n": len(rs)}
+        for f in ("clean", "pgd", "ensemble", "log10_live_kappa", "log10_lipschitz_bound"):
+            v = np.array([getattr(r, f) for r in rs], np.float64)
+            row[f] = float(v.mean())
+            row[f + "_std"] = float(v.std(ddof=1)) if len(v) > 1 else math.nan
+        out.append(row)
+    return out
+
+
+def _ranks(v: np.ndarray) -> np.ndarray:
+    order = np.argsort(v, kind="stable")
+    ranks = np.empty(len(v))
+    ranks[order] = np.arange(len(v))
+    for value in np.unique(v):  # ties share their mean rank
+        tied = v == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def correlations(records: list[Record], predictor: str, target: str = "ensemble") -> dict:
+    """Pearson and Spearman correlation of ``target`` with ``predictor`` over the runs where
+    both are finite; ``n`` is how many."""
+    x = np.array([getattr(r, predictor) for r in records], np.float64)
+    y = np.array([getattr(r, target) for r in records], np.float64)
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"n": int(len(x)), "pearson": math.nan, "spearman": math.nan}
+    return {"n": int(len(x)), "pearson": float(np.corrcoef(x, y)[0, 1]),
+            "spearman": float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])}
+
+
+PREDICTORS = {"log10_live_kappa": "median log10 live kappa",
+              "log10_kappa": "median log10 kappa (full kernels)",
+              "log10_lipschitz_bound": "log10 prod sigma_max (Lipschitz upper bound)",
+              "local_lipschitz": "local Lipschitz estimate"}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def _pm(row: dict, f: str, scale: float = 100.0) -> str:
+    m, s = row[f] * scale, row[f + "_std"] * scale
+    return f"{m:.2f}" if math.isnan(s) else f"{m:.2f} ± {s:.2f}"
+
+
+def tables(records: list[Record]) -> str:
+    lines = ["# Reproduction study: tables", "",
+             "Generated by `python -m experiments.report` from the kept summaries.", "",
+             "## Every run", "",
+             "| run | model | loss | method | target | seed | sparsity | clean | PGD-20 | "
+             "ensemble | median log10 kappa | median log10 live kappa | log10 prod sigma_max | "
+             "local Lipschitz | wall min |", "|" + "---|" * 3 + "---|" + "---:|" * 11]
+    for r in records:
+        lines.append(
+            f"| {r.run} | {r.model} | {r.loss} | {r.method} | {_pct(r.target)} | {r.seed} | "
+            f"{_pct(r.sparsity)} | {_pct(r.clean)} | {_pct(r.pgd)} | {_pct(r.ensemble)} | "
+            f"{r.log10_kappa:.2f} | {r.log10_live_kappa:.2f} | {r.log10_lipschitz_bound:.2f} | "
+            f"{r.local_lipschitz:.3g} | {r.wall_seconds / 60:.1f} |")
+    lines += ["", "## Mean ± sample standard deviation over seeds", "",
+              "| model | loss | method | target | seeds | clean | PGD-20 | ensemble | "
+              "median log10 live kappa | log10 prod sigma_max |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in aggregate(records):
+        lines.append(
+            f"| {row['model']} | {row['loss']} | {row['method']} | {_pct(row['target'])} | "
+            f"{row['n']} | {_pm(row, 'clean')} | {_pm(row, 'pgd')} | {_pm(row, 'ensemble')} | "
+            f"{_pm(row, 'log10_live_kappa', 1.0)} | {_pm(row, 'log10_lipschitz_bound', 1.0)} |")
+    lines += ["", "## Which quantity predicts ensemble robust accuracy (all runs)", "",
+              "| predictor | runs | Pearson r | Spearman rho |", "|---|---:|---:|---:|"]
+    for f, label in PREDICTORS.items():
+        c = correlations(records, f)
+        lines.append(f"| {label} | {c['n']} | {c['pearson']:.3f} | {c['spearman']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _by_method(records: list[Record]) -> dict:
+    out = defaultdict(list)
+    for row in aggregate(records):
+        out[(row["model"], row["loss"], row["method"])].append(row)
+    return {k: sorted(v, key=lambda r: r["target"]) for k, v in out.items()}
+
+
+def _label(key) -> str:
+    model, loss, method = key
+    return method + ("" if (model, loss) == ("small_cnn", "trades") else f" ({model}, {loss})")
+
+
+def figures(records: list[Record], out: pathlib.Path) -> list[pathlib.Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fname, field, ylabel, scale in (
+            ("kappa_vs_sparsity.png", "log10_live_kappa", "median log10 live kappa", 1.0),
+            ("robust_vs_sparsity.png", "ensemble", "ensemble robust accuracy (%)", 100.0)):
+        fig = Figure(figsize=(7, 4.5))
+        ax = fig.add_subplot()
+        for key, rows in _by_method(records).items():
+            x = [100 * r["target"] for r in rows]
+            y = [scale * r[field] for r in rows]
+            err = [0.0 if math.isnan(r[field + "_std"]) else scale * r[field + "_std"]
+                   for r in rows]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=_label(key))
+        ax.set_xlabel("target sparsity (%)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, out / fname))
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.add_subplot()
+    groups = defaultdict(list)
+    for r in records:
+        groups[r.group].append(r)
+    for key, rs in sorted(groups.items()):
+        ax.plot([r.log10_live_kappa for r in rs], [100 * r.ensemble for r in rs], "o",
+                label=_label(key))
+    c = correlations(records, "log10_live_kappa")
+    ax.set_title(f"Pearson r = {c['pearson']:.2f}, Spearman rho = {c['spearman']:.2f} "
+                 f"({c['n']} runs)", fontsize=9)
+    ax.set_xlabel("median log10 live kappa")
+    ax.set_ylabel("ensemble robust accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out / "robust_vs_kappa.png"))
+    return paths
+
+
+def _save(fig: Figure, path: pathlib.Path) -> pathlib.Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def report(summaries: str | pathlib.Path, out: str | pathlib.Path) -> str:
+    """Writes ``study_tables.md`` and the figures to ``out``; returns the tables."""
+    records = load(summaries)
+    out = pathlib.Path(out)
+    text = tables(records)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study_tables.md").write_text(text)
+    figures(records, out)
+    return text
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS.summaries or not FLAGS.out:
+        raise app.UsageError("--summaries and --out are required.")
+    print(report(FLAGS.summaries, FLAGS.out))
+
+
+if __name__ == "__main__":
+    app.run(main)

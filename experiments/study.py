@@ -1,0 +1,135 @@
+"""The reproduction study's runs, in priority order, as one resumable sweep.
+
+    python -m experiments.study --list                                   # the plan, nothing run
+    python -m experiments.study --workdir=runs/study --summaries=docs/results/study
+    python -m experiments.study --workdir=runs/study --only='_s0$'       # names matching a regex
+    python -m experiments.study --workdir=runs/smoke --variant=smoke     # every stage, seconds
+
+``--set=key=value`` applies to every run (after the plan's own overrides).
+
+Fashion-MNIST, small CNN, eps 0.1, TRADES (each config's full recipe unless ``--variant``):
+
+1. ``dense_trades_s0``, then every method at 99 % sparsity (seed 0): LWM + fine-tune, HYDRA,
+   HYDRA + TSC, HYDRA + CNC, HYDRA + TSCNC (principled) from that dense model (``init_dir``), and
+   the authors'-code TSCNC (gated network, so its own dense stage);
+2. every method at 90, 95 and 99.5 % (seed 0), from the same dense models;
+3. seeds 1 and 2: a dense model each and every method at 99 %;
+4. PGD-AT for one setting: dense, HYDRA and HYDRA + TSCNC at 99 % (seed 0);
+5. a second architecture, LeNet-5: dense, HYDRA and HYDRA + TSCNC at 99 % (seed 0).
+
+The order makes a partly finished study informative early. Every run is ``experiments.main`` in
+its own process and workdir through :func:`experiments.sweep.run_all`: a finished run
+(``summary.json`` present) is skipped, a killed one resumes from its checkpoints, a failed one
+does not stop the others, and each finished summary is copied to ``--summaries/<name>/`` at once.
+A pruned run reads its dense stage from the named dense run, which comes earlier in the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import re
+
+from absl import app, flags
+
+from experiments import sweep
+
+FLAGS = flags.FLAGS  # --workdir, --variant, --summaries and --set are experiments.sweep's
+flags.DEFINE_string("only", None, "Run only the planned runs whose name matches this regex.")
+flags.DEFINE_bool("list", False, "Print the plan (names, configs, overrides) and exit.")
+
+SPARSITIES = (0.99, 0.9, 0.95, 0.995)  # 99 % first: the row with several seeds
+SEEDS = (0, 1, 2)
+SHARED_DENSE = ("lwm", "hydra", "hydra_tsc", "hydra_cnc", "hydra_tscnc")
+AUTHORS = "tscnc_authors"
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    name: str
+    config: str  # a config name in experiments/configs/
+    overrides: tuple[tuple[str, str], ...] = ()
+    dense_from: str | None = None  # name of the run whose finished dense stage this one reuses
+
+    def flags(self, root: pathlib.Path) -> list[str]:
+        out = [f"--config.{k}={v}" for k, v in self.overrides]
+        if self.dense_from is not None:
+            out.append(f"--config.init_dir={root / self.dense_from}")
+        return out
+
+
+def _pct(sparsity: float) -> str:
+    return f"{100 * sparsity:g}".replace(".", "_")  # 0.995 -> "99_5"
+
+
+def _pruned(method: str, sparsity: float, seed: int, dense: str | None,
+            extra: tuple = (), prefix: str = "") -> Run:
+    return Run(f"{prefix}{method}_{_pct(sparsity)}_s{seed}", method,
+               (("seed", str(seed)), ("prune.sparsity", str(sparsity)), *extra), dense)
+
+
+def _seed_block(seed: int, sparsities) -> list[Run]:
+    dense = f"dense_trades_s{seed}"
+    runs = []
+    for sp in sparsities:
+        runs += [_pruned(m, sp, seed, dense) for m in SHARED_DENSE]
+        # The authors' variant trains its own (gated) dense model once per seed, in its first run.
+        first = _pruned(AUTHORS, sparsities[0], seed, None).name
+        runs.append(_pruned(AUTHORS, sp, seed, None if sp == sparsities[0] else first))
+    return runs
+
+
+def plan() -> list[Run]:
+    """Every run of the study, in the order they run (see the module docstring)."""
+    runs = [Run("dense_trades_s0", "dense_trades", (("seed", "0"),))]
+    runs += _seed_block(0, SPARSITIES)
+    for seed in SEEDS[1:]:
+        runs.append(Run(f"dense_trades_s{seed}", "dense_trades", (("seed", str(seed)),)))
+        runs += _seed_block(seed, SPARSITIES[:1])
+    pgd_at = (("loss", "pgd_at"),)
+    runs.append(Run("pgd_at_dense_s0", "dense_pgd_at", (("seed", "0"),)))
+    runs += [_pruned(m, 0.99, 0, "pgd_at_dense_s0", pgd_at, prefix="pgd_at_")
+             for m in ("hydra", "hydra_tscnc")]
+    lenet = (("model.name", "lenet5"),)
+    runs.append(Run("lenet5_dense_s0", "dense_trades", (("seed", "0"), *lenet)))
+    runs += [_pruned(m, 0.99, 0, "lenet5_dense_s0", lenet, prefix="lenet5_")
+             for m in ("hydra", "hydra_tscnc")]
+    return runs
+
+
+def select(runs: list[Run], pattern: str | None) -> list[Run]:
+    """The runs whose name matches ``pattern``, plus the dense runs they reuse (kept in order)."""
+    if pattern is None:
+        return runs
+    by_name = {r.name: r for r in runs}
+    keep = {r.name for r in runs if re.search(pattern, r.name)}
+    if not keep:
+        raise app.UsageError(f"--only={pattern!r} matches no planned run.")
+    for name in list(keep):
+        while by_name[name].dense_from is not None:
+            name = by_name[name].dense_from
+            keep.add(name)
+    return [r for r in runs if r.name in keep]
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    runs = select(plan(), FLAGS.only)
+    if FLAGS.list:
+        for r in runs:
+            print(r.name, r.config, " ".join(r.flags(pathlib.Path("<workdir>"))))
+        return
+    if FLAGS.workdir is None:
+        raise app.UsageError("--workdir is required (or --list).")
+    root = pathlib.Path(FLAGS.workdir)
+    common = [f"--config.{kv}" for kv in FLAGS.set]
+    specs = [(r.name, sweep.parse_run(r.config, FLAGS.variant)[1], r.flags(root) + common)
+             for r in runs]
+    failed = sweep.run_all(specs, root, FLAGS.summaries)
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)} (rerun to resume).")
+
+
+if __name__ == "__main__":
+    app.run(main)

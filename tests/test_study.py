@@ -1,0 +1,61 @@
+"""The reproduction study's plan: complete, ordered for resumption, and runnable end to end."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from experiments import study
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_plan_covers_the_study_and_orders_dense_runs_first():
+    runs = study.plan()
+    names = [r.name for r in runs]
+    assert len(names) == len(set(names))
+    position = {n: i for i, n in enumerate(names)}
+    for r in runs:  # every reused dense stage is produced earlier in the same sweep
+        if r.dense_from is not None:
+            assert position[r.dense_from] < position[r.name], r.name
+    methods = (*study.SHARED_DENSE, study.AUTHORS)
+    for m in methods:
+        for sp in ("90", "95", "99", "99_5"):
+            assert f"{m}_{sp}_s0" in position
+        for seed in (1, 2):  # several seeds for the 99 % row
+            assert f"{m}_99_s{seed}" in position
+    # 99 % of seed 0 for every method comes right after its dense model.
+    assert names[:1 + len(methods)] == ["dense_trades_s0"] + [f"{m}_99_s0" for m in methods]
+    flags_of = {r.name: r.flags(pathlib.Path("w")) for r in runs}
+    assert flags_of["hydra_tscnc_99_5_s0"] == [
+        "--config.seed=0", "--config.prune.sparsity=0.995", "--config.init_dir=w/dense_trades_s0"]
+    assert "--config.loss=pgd_at" in flags_of["pgd_at_hydra_tscnc_99_s0"]
+    assert "--config.model.name=lenet5" in flags_of["lenet5_hydra_99_s0"]
+
+
+def test_select_keeps_the_dense_runs_a_selection_needs():
+    picked = [r.name for r in study.select(study.plan(), r"^tscnc_authors_95_s0$")]
+    assert picked == ["tscnc_authors_99_s0", "tscnc_authors_95_s0"]
+    with pytest.raises(Exception, match="matches no planned run"):
+        study.select(study.plan(), "no_such_run")
+
+
+@pytest.mark.slow
+def test_smoke_study_subset_runs_and_keeps_summaries(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.study", f"--workdir={tmp_path / 'runs'}",
+         f"--summaries={tmp_path / 'kept'}", "--variant=smoke", "--only=^hydra_tscnc_95_s0$"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    dense = json.loads((tmp_path / "kept" / "dense_trades_s0" / "summary.json").read_text())
+    pruned = json.loads((tmp_path / "kept" / "hydra_tscnc_95_s0" / "summary.json").read_text())
+    assert dense["sparsity"] == 0.0
+    assert pruned["sparsity"] >= 0.95 and pruned["config"]["prune"]["sparsity"] == 0.95
+    assert pruned["config"]["init_dir"].endswith("dense_trades_s0")
+    # Finite live-part condition numbers are reported next to the (possibly infinite) full ones.
+    assert set(pruned["live_kappa"]) == set(pruned["kappa"])
+    assert all(v >= 1.0 for v in pruned["live_kappa"].values())
