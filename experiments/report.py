@@ -25,8 +25,13 @@ from absl import app, flags
 from matplotlib.figure import Figure
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("summaries", None, "Directory holding <run>/summary.json.")
-flags.DEFINE_string("out", None, "Directory for study_tables.md and the figures.")
+
+
+def _define_flags() -> None:
+    # Defined when run as a program only: importing the module (tests, notebooks) must not
+    # register flags that other entry points (experiments.compare, sweep) also define.
+    flags.DEFINE_string("summaries", None, "Directory holding <run>/summary.json.")
+    flags.DEFINE_string("out", None, "Directory for study_tables.md and the figures.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,4 +243,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

@@ -32,11 +32,17 @@ import re
 
 from absl import app, flags
 
-from experiments import sweep
+FLAGS = flags.FLAGS
 
-FLAGS = flags.FLAGS  # --workdir, --variant, --summaries and --set are experiments.sweep's
-flags.DEFINE_string("only", None, "Run only the planned runs whose name matches this regex.")
-flags.DEFINE_bool("list", False, "Print the plan (names, configs, overrides) and exit.")
+
+def _define_flags() -> None:
+    # When run as a program only: --workdir, --variant, --summaries and --set come from
+    # experiments.sweep, whose import defines them; importing this module for its plan (tests)
+    # must not, since experiments.main and demo define --workdir too.
+    from experiments import sweep  # noqa: F401
+
+    flags.DEFINE_string("only", None, "Run only the planned runs whose name matches this regex.")
+    flags.DEFINE_bool("list", False, "Print the plan (names, configs, overrides) and exit.")
 
 SPARSITIES = (0.99, 0.9, 0.95, 0.995)  # 99 % first: the row with several seeds
 SEEDS = (0, 1, 2)
@@ -122,6 +128,8 @@ def main(argv):
         return
     if FLAGS.workdir is None:
         raise app.UsageError("--workdir is required (or --list).")
+    from experiments import sweep
+
     root = pathlib.Path(FLAGS.workdir)
     common = [f"--config.{kv}" for kv in FLAGS.set]
     specs = [(r.name, sweep.parse_run(r.config, FLAGS.variant)[1], r.flags(root) + common)
@@ -132,4 +140,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
