@@ -186,14 +186,17 @@ def tree_singular_values(
     The one SVD per kernel behind :func:`tree_condition_numbers` and spectral reports (``s[0]`` is
     the kernel's spectral norm), in pytree order.
     """
-    out = {}
+    return {name: (np.linalg.svd(m, compute_uv=False), m.shape)
+            for name, m in _host_matrices(params, masks, filter_fn)}
+
+
+def _host_matrices(params, masks, filter_fn):
+    """``(path, as_matrix(kernel * mask))`` in NumPy float64 for every selected kernel."""
     for name, leaf, mask in tree_utils.named_leaves(params, masks, filter_fn):
         w = np.asarray(jax.device_get(leaf), dtype=np.float64)
         if mask is not None:
             w = w * np.asarray(jax.device_get(mask), dtype=np.float64)
-        m = w.reshape(-1, w.shape[-1])
-        out[name] = (np.linalg.svd(m, compute_uv=False), m.shape)
-    return out
+        yield name, w.reshape(-1, w.shape[-1])
 
 
 def tree_live_condition_numbers(
@@ -215,11 +218,7 @@ def tree_live_condition_numbers(
       = fan_in, ``cols`` = fan_out of the full matrix).
     """
     out = {}
-    for name, leaf, mask in tree_utils.named_leaves(params, masks, filter_fn):
-        w = np.asarray(jax.device_get(leaf), dtype=np.float64)
-        if mask is not None:
-            w = w * np.asarray(jax.device_get(mask), dtype=np.float64)
-        m = w.reshape(-1, w.shape[-1])
+    for name, m in _host_matrices(params, masks, filter_fn):
         live = m[np.any(m != 0, axis=1)][:, np.any(m != 0, axis=0)]
         kappa = (host_condition_number(np.linalg.svd(live, compute_uv=False), live.shape)
                  if live.size else float("inf"))
