@@ -76,11 +76,11 @@ def _pruned(method: str, sparsity: float, seed: int, dense: str | None,
 
 def _seed_block(seed: int, sparsities) -> list[Run]:
     dense = f"dense_trades_s{seed}"
+    # The authors' variant trains its own (gated) dense model once per seed, in its first run.
+    first = _pruned(AUTHORS, sparsities[0], seed, None).name
     runs = []
     for sp in sparsities:
         runs += [_pruned(m, sp, seed, dense) for m in SHARED_DENSE]
-        # The authors' variant trains its own (gated) dense model once per seed, in its first run.
-        first = _pruned(AUTHORS, sparsities[0], seed, None).name
         runs.append(_pruned(AUTHORS, sp, seed, None if sp == sparsities[0] else first))
     return runs
 
