@@ -605,3 +605,60 @@ def test_bad_arguments():
         st.minimal_k(params, cosine=1.5)
     with pytest.raises(ValueError, match="kernel.*floating"):
         st.init_tracked_vectors({"w": jnp.ones((4, 3), jnp.int32)}, filter_fn=lambda p, w: True)
+
+
+def test_per_kernel_k_equals_one_transformation_per_kernel():
+    """``k={path: k}`` tracks each kernel as the int-``k`` transformation restricted to it does."""
+    params = _params(3)
+    ks = {"Conv_0/kernel": 2, "Dense_0/kernel": 8}  # 36x16 tracked in blocks of 2; 16x40 whole
+    mapped = st.add_tracked_condition_number_penalty(0.5, k=ks, reduce="sum", resync_every=3)
+    single = {
+        name: st.add_tracked_condition_number_penalty(
+            0.5, k=k, reduce="sum", resync_every=3,
+            filter_fn=lambda path, leaf, name=name: path == name)
+        for name, k in ks.items()
+    }
+    states = {"mapped": mapped.init(params), **{n: tx.init(params) for n, tx in single.items()}}
+    assert [x.shape for x in states["mapped"].vectors["Conv_0/kernel"]] == [
+        (36, 2), (16, 2), (36, 2), (16, 2)]
+    assert [x.shape for x in states["mapped"].vectors["Dense_0/kernel"]] == [
+        (16, 16), (40, 16), (16, 0), (40, 0)]
+    rng = np.random.default_rng(4)
+    for _ in range(4):  # exact seeding, two tracked steps, a resync
+        got, states["mapped"] = jax.jit(mapped.update)(_zeros(params), states["mapped"], params)
+        want = _zeros(params)
+        for name, tx in single.items():
+            added, states[name] = jax.jit(tx.update)(_zeros(params), states[name], params)
+            want = jax.tree.map(np.add, want, added)
+        chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+        params = jax.tree.map(
+            lambda w: (w + 0.05 * rng.standard_normal(w.shape)).astype(np.float32), params)
+
+
+def test_minimal_k_output_is_a_valid_k():
+    params = _params(5)
+    ks = st.minimal_k(params, cosine=0.99, temperature=TAU, delta=DELTA)
+    assert sorted(ks) == ["Conv_0/kernel", "Dense_0/kernel"]
+    vectors = st.init_tracked_vectors(params, k=ks)
+    for name, k in ks.items():
+        shape = (vectors[name].u_top.shape[0], vectors[name].v_top.shape[0])
+        assert (vectors[name].u_top.shape[1], vectors[name].u_bottom.shape[1]) == st.block_sizes(
+            shape, k)
+    tx = st.add_tracked_condition_number_penalty(0.1, k=ks)
+    updates, _ = jax.jit(tx.update)(_zeros(params), tx.init(params), params)
+    assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+def test_per_kernel_k_errors_name_the_problem():
+    params = _params()
+    add = st.add_tracked_condition_number_penalty
+    with pytest.raises(ValueError, match="empty mapping"):
+        add(0.1, k={})
+    with pytest.raises(ValueError, match=r"k\['Dense_0/kernel'\]"):
+        add(0.1, k={"Conv_0/kernel": 2, "Dense_0/kernel": 0})
+    tx = add(0.1, k={"Conv_0/kernel": 2})
+    with pytest.raises(ValueError, match=r"missing \['Dense_0/kernel'\]"):
+        tx.init(params)
+    with pytest.raises(ValueError, match=r"unknown \['Dense_1/kernel'\]"):
+        st.init_tracked_vectors(params, k={"Conv_0/kernel": 2, "Dense_0/kernel": 2,
+                                           "Dense_1/kernel": 2})

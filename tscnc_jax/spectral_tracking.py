@@ -120,6 +120,7 @@ References:
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -137,6 +138,10 @@ CHOLESKY_SHIFT = 10.0
 #: Factor applied to the shift when the first factorisation breaks down.
 _FALLBACK_SHIFT_FACTOR = 1e3
 _HIGHEST = lax.Precision.HIGHEST
+
+#: ``k`` of the tracked CNC: one int for every kernel, or ``{kernel path: int}`` (e.g. from
+#: :func:`minimal_k`), since the ``k`` a target gradient cosine needs varies by layer.
+KSpec = int | Mapping[str, int]
 
 
 class TrackedSingularVectors(NamedTuple):
@@ -192,6 +197,27 @@ def _check_int(name: str, value: Any, *, minimum: int) -> int:
     if as_int < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
     return as_int
+
+
+def _check_k(k: Any) -> int | dict[str, int]:
+    if isinstance(k, Mapping):
+        if not k:
+            raise ValueError("`k` is an empty mapping; give an int or one entry per kernel.")
+        return {str(name): _check_int(f"k[{name!r}]", v, minimum=1) for name, v in k.items()}
+    return _check_int("k", k, minimum=1)
+
+
+def _ks_for(k: int | dict[str, int], names: list[str]) -> dict[str, int]:
+    """``{name: k}`` for the selected kernels; a mapping must name exactly those kernels."""
+    if not isinstance(k, dict):
+        return dict.fromkeys(names, k)
+    missing, extra = sorted(set(names) - set(k)), sorted(set(k) - set(names))
+    if missing or extra:
+        raise ValueError(
+            f"`k` must map every selected kernel to an int: missing {missing}, unknown {extra} "
+            f"(selected kernels: {names}); `minimal_k(params)` builds such a mapping."
+        )
+    return {name: k[name] for name in names}
 
 
 def _check_surrogate(temperature: Any, delta: Any) -> None:
@@ -368,7 +394,7 @@ def _kernels_with_vectors(params, vectors, masks, filter_fn):
 def init_tracked_vectors(
     params: Any,
     *,
-    k: int = 1,
+    k: KSpec = 1,
     masks: Any | None = None,
     filter_fn: tree_utils.FilterFn | None = None,
 ) -> dict[str, TrackedSingularVectors]:
@@ -376,8 +402,10 @@ def init_tracked_vectors(
 
     Args:
       params: a pytree of parameters.
-      k: number of singular triplets tracked at each end; kernels with ``2 k >= min(fan_in,
-        fan_out)`` track their whole spectrum (see :func:`block_sizes`).
+      k: number of singular triplets tracked at each end, an int for every kernel or
+        ``{kernel path: int}`` naming every selected kernel (:func:`minimal_k`'s output);
+        kernels with ``2 k >= min(fan_in, fan_out)`` track their whole spectrum (see
+        :func:`block_sizes`).
       masks: optional masks tree (``None`` leaves are not pruned).
       filter_fn: ``(path, leaf) -> bool`` choosing the kernels; default
         :func:`tscnc_jax.tree_utils.is_kernel`.
@@ -385,20 +413,22 @@ def init_tracked_vectors(
     Returns:
       ``{kernel path: TrackedSingularVectors}`` in the kernels' compute dtype (at least float32).
     """
-    k = _check_int("k", k, minimum=1)
+    leaves = tree_utils.named_leaves(params, masks, filter_fn)
+    ks = _ks_for(_check_k(k), [name for name, _, _ in leaves])
     return {
-        name: _exact_vectors(m, *block_sizes(m.shape, k))
-        for name, m in ((n, _matrix(w, msk)) for n, w, msk in
-                        tree_utils.named_leaves(params, masks, filter_fn))
+        name: _exact_vectors(m, *block_sizes(m.shape, ks[name]))
+        for name, m in ((n, _matrix(w, msk)) for n, w, msk in leaves)
     }
 
 
 def _placeholder_vectors(params, k, masks, filter_fn) -> dict[str, TrackedSingularVectors]:
     out = {}
-    for name, kernel, _ in tree_utils.named_leaves(params, masks, filter_fn):
+    leaves = tree_utils.named_leaves(params, masks, filter_fn)
+    ks = _ks_for(k, [name for name, _, _ in leaves])
+    for name, kernel, _ in leaves:
         spectral._check_kernel(kernel, name)
         fan_in, fan_out = spectral.as_matrix(kernel).shape
-        k_top, k_bottom = block_sizes((fan_in, fan_out), k)
+        k_top, k_bottom = block_sizes((fan_in, fan_out), ks[name])
         dtype = spectral._compute_dtype(kernel.dtype)
         out[name] = TrackedSingularVectors(
             jnp.eye(fan_in, k_top, dtype=dtype), jnp.eye(fan_out, k_top, dtype=dtype),
@@ -614,7 +644,7 @@ def add_tracked_condition_number_penalty(
     *,
     temperature: float = penalties.DEFAULT_TEMPERATURE,
     delta: float = penalties.DEFAULT_DELTA,
-    k: int = 1,
+    k: KSpec = 1,
     iterations: int = 2,
     resync_every: int | None = 100,
     filter_fn: tree_utils.FilterFn | None = None,
@@ -643,8 +673,9 @@ def add_tracked_condition_number_penalty(
       temperature: surrogate temperature ``tau > 0``.
       delta: singular-value shift ``>= 0``.
       k: singular triplets tracked at each end of every kernel's spectrum (``>= 1``; clipped to
-        ``min(fan_in, fan_out)``). :func:`minimal_k` estimates the ``k`` needed for a target
-        gradient cosine with the exact surrogate.
+        ``min(fan_in, fan_out)``), or ``{kernel path: k}`` naming every selected kernel.
+        :func:`minimal_k` gives, per kernel, the ``k`` needed for a target gradient cosine
+        with the exact surrogate, in that form: ``k=minimal_k(params)``.
       iterations: warm-started iterations per block and step (``>= 1``).
       resync_every: re-seed from an exact SVD every this many updates (``>= 1``); ``None`` only
         on the first update.
@@ -670,7 +701,7 @@ def add_tracked_condition_number_penalty(
     spectral.check_nonnegative("weight", weight)
     _check_surrogate(temperature, delta)
     penalties._check_reduce(reduce)
-    k = _check_int("k", k, minimum=1)
+    k = _check_k(k)
     iterations = _check_int("iterations", iterations, minimum=1)
     if resync_every is not None:
         resync_every = _check_int("resync_every", resync_every, minimum=1)
@@ -723,6 +754,7 @@ def add_tracked_condition_number_penalty(
 
 __all__ = [
     "CHOLESKY_SHIFT",
+    "KSpec",
     "TrackedConditionNumberPenaltyState",
     "TrackedSingularVectors",
     "add_tracked_condition_number_penalty",
