@@ -53,9 +53,9 @@ import jax
 import jax.numpy as jnp
 
 import tscnc_jax as tj
-from tscnc_jax import spectral_tracking as st
 from benchmarks import attacks as attack_bench
 from benchmarks import cnc_estimator, common, torch_twin, torchattacks_twin, train_step
+from tscnc_jax import spectral_tracking as st
 
 LOSSES = [("clean", False), ("pgd_at", False), ("trades", False), ("trades", True)]
 # Forward-pass equivalents per step (see the module docstring).
