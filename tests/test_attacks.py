@@ -504,3 +504,27 @@ def test_bad_data_and_other_attacks():
         A.get_attack("fab-t")
     # Under jit the data-dependent checks are skipped (no error, no host sync).
     jax.jit(lambda x, y: A.pgd(logits_fn, x, y, key=key, eps=0.1, steps=2))(x + 1.5, y)
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr-targeted"])
+def test_apgd_run_stops_once_the_whole_batch_is_broken(loss):
+    """Forward passes counted by a callback: the full budget while an example is robust, only the
+    starting point's once every example is misclassified from the start."""
+    logits_fn, x, y_robust, _ = _linear_problem(eps_robust=0.05)
+    calls = []
+
+    def counted(z):
+        jax.debug.callback(lambda: calls.append(1))
+        return logits_fn(z)
+
+    steps = 12
+    attack = jax.jit(lambda yy: A.apgd(counted, x, yy, key=jax.random.key(0), eps=0.01,
+                                       steps=steps, loss=loss, n_target_classes=1))
+    x_adv = jax.block_until_ready(attack(y_robust))  # label 0: robust at eps 0.01
+    clean_calls = 1 if loss == "dlr-targeted" else 0  # APGD-T reads the clean logits first
+    assert len(calls) == clean_calls + 1 + steps
+    np.testing.assert_array_less(np.abs(np.asarray(x_adv - x)), 0.01 + 1e-6)
+    calls.clear()
+    y_wrong = jnp.full_like(y_robust, 2)  # class 0 wins everywhere: misclassified at the start
+    jax.block_until_ready(attack(y_wrong))
+    assert len(calls) == clean_calls + 1

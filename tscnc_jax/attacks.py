@@ -17,7 +17,8 @@ Conventions shared by all attacks:
   example with ``jnp.where``. Each attack returns, per example, the best point it evaluated: a
   misclassified point if it found one (the one of highest loss), otherwise the point of highest
   loss. Restarts only matter for points no restart has broken yet, and are skipped once the whole
-  batch is broken.
+  batch is broken; an APGD or Square run also stops as soon as every example of the batch is
+  (nothing it could still find changes the robust accuracy).
 * ``logits_fn`` must treat examples independently (no batch statistics): gradients are taken of the
   sum of per-example losses.
 * Argument checks: static arguments are checked eagerly (``ValueError`` naming the argument). The
@@ -691,7 +692,14 @@ def _apgd_run(vg, x, y, x0, eps, norm, bounds, steps, rho, target):
             out=out,
         )
 
-    return jax.lax.fori_loop(0, steps, body, state).out
+    # Once every example is misclassified the run's outcome is settled: stop (a robust example
+    # keeps the loop going for the full budget, so robust accuracy is unaffected).
+    _, state = jax.lax.while_loop(
+        lambda c: (c[0] < steps) & ~jnp.all(c[1].out.adv),
+        lambda c: (c[0] + 1, body(c[0], c[1])),
+        (jnp.int32(0), state),
+    )
+    return state.out
 
 
 def apgd(
@@ -717,7 +725,8 @@ def apgd(
     x_{k-1}))``. At the checkpoints of :func:`apgd_checkpoints` the step is halved, and the iterate
     reset to the best point of the run, where the loss increased in at most ``rho`` of the steps
     since the last checkpoint, or where the step was not halved at the last checkpoint and the best
-    loss has not improved since.
+    loss has not improved since. A run stops early once every example of the batch is
+    misclassified.
 
     With ``loss="dlr-targeted"`` (APGD-T) the attack runs once per target class (``restarts`` runs
     each): the 2nd, 3rd, ... ``(n_target_classes + 1)``-th highest clean logits.
