@@ -60,7 +60,61 @@ def compare(batch: int, repeats: int, eps: float, train_steps: int = 100) -> dic
         rows[label] = _workload(logits_fn, twin, x, y, e, repeats)
         print(f"{label}: ours {rows[label]['ours_images_per_s']:.1f} img/s, torchattacks "
               f"{rows[label]['torchattacks_images_per_s']:.1f} img/s", flush=True)
+    rows["members"] = _members(logits_fn, twin, x, y, repeats)
     return rows
+
+
+# Model passes per member at the fast budgets: (forward + input-gradient passes, forwards).
+_PASSES = {"apgd-ce": (FAST.apgd_ce_steps + 1, 0),
+           "apgd-t": (FAST.apgd_t_targets * (FAST.apgd_t_steps + 1), 1),
+           "square": (0, FAST.square_queries + 1)}
+
+
+def _members(logits_fn, twin, x, y, repeats: int) -> dict:
+    """Worst case (eps = 0) per member, plus both frameworks' forward and forward + input
+    gradient of the batch; seconds are interleaved medians."""
+    import torch
+
+    x_t = torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2).contiguous()
+    y_t = torch.from_numpy(np.asarray(y)).long()
+    key = jax.random.key(0)
+    fwd = jax.jit(logits_fn).lower(x).compile()
+    grad = jax.jit(jax.grad(lambda a: attacks.cross_entropy_loss(logits_fn(a), y).sum())).lower(
+        x).compile()
+
+    def torch_grad():
+        a = x_t.clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(twin(a), y_t, reduction="sum")
+        torch.autograd.grad(loss, a)
+
+    def torch_fwd():
+        with torch.no_grad():
+            twin(x_t)
+
+    passes = torch_twin.interleaved_medians({
+        "ours_forward": lambda: fwd(x).block_until_ready(),
+        "torch_forward": torch_fwd,
+        "ours_forward_grad": lambda: grad(x).block_until_ready(),
+        "torch_forward_grad": torch_grad,
+    }, max(repeats, 10))
+    theirs = _torchattacks_ensemble(twin, 0.0).attacks
+    out = {"passes": passes, "members": {}}
+    for (name, attack), their in zip(attacks.autoattack_members("fast", n_classes=10), theirs,
+                                     strict=True):
+        ours = jax.jit(lambda a, b, k, attack=attack: attack(
+            logits_fn, a, b, key=k, eps=0.0)).lower(x, y, key).compile()
+        t = torch_twin.interleaved_medians({
+            "ours": lambda ours=ours: ours(x, y, key).block_until_ready(),
+            "torchattacks": lambda their=their: their(x_t, y_t)}, repeats, warmup=1)
+        n_grad, n_fwd = _PASSES[name]
+        out["members"][name] = {
+            **t, "grad_passes": n_grad, "forward_passes": n_fwd,
+            "ours_floor": n_grad * passes["ours_forward_grad"] + n_fwd * passes["ours_forward"],
+            "torch_floor": n_grad * passes["torch_forward_grad"] + n_fwd * passes["torch_forward"],
+        }
+        print(f"worst case, {name}: ours {t['ours']:.2f} s, torchattacks {t['torchattacks']:.2f} s",
+              flush=True)
+    return out
 
 
 def _workload(logits_fn, twin, x, y, eps: float, repeats: int) -> dict:
@@ -111,6 +165,27 @@ def to_markdown(r: dict) -> list[str]:
         lines.append(f"| {name} | {w['eps']:g} | {w['ours_images_per_s']:.1f} | "
                      f"{w['torchattacks_images_per_s']:.1f} | {w['speedup']:.1f}x | "
                      f"{w['ours_robust_accuracy']:.3f} / {w['torchattacks_robust_accuracy']:.3f} |")
+    if "members" not in r:
+        return lines
+    m = r["members"]
+    p = m["passes"]
+    lines += ["", "Worst case per member: one forward of the batch takes "
+              f"{1e3 * p['ours_forward']:.1f} ms here and {1e3 * p['torch_forward']:.1f} ms in "
+              "PyTorch, forward + input "
+              f"gradient {1e3 * p['ours_forward_grad']:.1f} / {1e3 * p['torch_forward_grad']:.1f}"
+              " ms; floor = the member's model passes at those costs.", "",
+              "| member | model passes (fwd+grad, fwd) | ours s | ours floor s | torchattacks s | "
+              "torchattacks floor s | speed-up |", "|---|---|---:|---:|---:|---:|---:|"]
+    tot = dict.fromkeys(("ours", "ours_floor", "torchattacks", "torch_floor"), 0.0)
+    for name, e in m["members"].items():
+        for k in tot:
+            tot[k] += e[k]
+        lines.append(f"| {name} | {e['grad_passes']}, {e['forward_passes']} | {e['ours']:.2f} | "
+                     f"{e['ours_floor']:.2f} | {e['torchattacks']:.2f} | {e['torch_floor']:.2f} | "
+                     f"{e['torchattacks'] / e['ours']:.1f}x |")
+    lines.append(f"| sum | | {tot['ours']:.2f} | {tot['ours_floor']:.2f} | "
+                 f"{tot['torchattacks']:.2f} | {tot['torch_floor']:.2f} | "
+                 f"{tot['torchattacks'] / tot['ours']:.1f}x |")
     return lines
 
 

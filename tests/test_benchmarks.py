@@ -37,6 +37,11 @@ def test_quick_benchmark_writes_every_section(tmp_path):
     assert set(results["attacks"]["workloads"]) == {"pgd20", "fast"}
     penalty = results["penalties"][0]
     assert penalty["model"] == "small_cnn" and penalty["cnc_exact"] > 0 and penalty["tsc"] > 0
+    # The faithful-gradient setting: each kernel's own k, from minimal_k (cosine 0.99).
+    assert penalty["cnc_tracked_cos99"] > 0
+    assert set(penalty["k_cos99"]) == {"Conv_0/kernel", "Conv_1/kernel", "Dense_0/kernel",
+                                       "Dense_1/kernel"}
+    assert "cos >= 0.99" in text and "Dense_0 " in text
     assert [b["batch"] for b in results["batches"]] == [8, 16]
 
 
@@ -108,3 +113,20 @@ def test_torch_twins_give_our_logits(name):
     with torch.no_grad():
         theirs = twin(torch.from_numpy(x).permute(0, 3, 1, 2)).numpy()
     np.testing.assert_allclose(model.apply(variables, x), theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_torchattacks_comparison_runs_and_reports_members():
+    pytest.importorskip("torch")
+    pytest.importorskip("torchattacks")  # benchmark-only dependencies (make bench installs them)
+    from benchmarks import torchattacks_twin
+
+    rows = torchattacks_twin.compare(batch=4, repeats=1, eps=0.1, train_steps=2)
+    for label in ("at_eps", "worst"):
+        assert rows[label]["torchattacks_max_linf"] <= rows[label]["eps"] + 1e-5
+    assert rows["worst"]["ours_robust_accuracy"] == rows["worst"]["torchattacks_robust_accuracy"]
+    members = rows["members"]["members"]
+    assert list(members) == ["apgd-ce", "apgd-t", "square"]
+    for e in members.values():
+        assert e["ours"] > 0 and e["torchattacks"] > 0 and e["ours_floor"] > 0
+    text = "\n".join(torchattacks_twin.to_markdown(rows))
+    assert "| sum |" in text and "| square | 0, 251 |" in text
