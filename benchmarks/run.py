@@ -18,7 +18,10 @@ compiling call):
 3. **JAX vs PyTorch** (the three models' PyTorch twins, same architecture, loss, attack schedule
    and optimizer; ``benchmarks/torch_twin.py``): step times, interleaved, and the JAX / PyTorch
    ratio, when torch is installed (``pip install torch==2.13.0``; a benchmark-only dependency).
-   ``--repeats`` for the small CNN, at most 3 for VGG-16 and ResNet-18.
+   ``--repeats`` for the small CNN, at most 3 for VGG-16 and ResNet-18. Then ResNet-18's
+   convolutions pass by pass (forward, input gradient, weight gradient) in both frameworks
+   (``benchmarks/conv_passes.py``); ``python -m benchmarks.profile_step`` shows where the rest
+   of a step goes.
 4. **Penalty overhead** per model: the optax update of the exact CNC, the tracked CNC
    (``add_tracked_condition_number_penalty``; k = 16 for every kernel, and ``k =
    minimal_k(params, cosine=0.99)``, each kernel's smallest k whose converged gradient cosine
@@ -54,7 +57,14 @@ import jax.numpy as jnp
 
 import tscnc_jax as tj
 from benchmarks import attacks as attack_bench
-from benchmarks import cnc_estimator, common, torch_twin, torchattacks_twin, train_step
+from benchmarks import (
+    cnc_estimator,
+    common,
+    conv_passes,
+    torch_twin,
+    torchattacks_twin,
+    train_step,
+)
 from tscnc_jax import spectral_tracking as st
 
 LOSSES = [("clean", False), ("pgd_at", False), ("trades", False), ("trades", True)]
@@ -114,7 +124,7 @@ def torch_comparison(batch: int, repeats: int) -> dict | None:
         return None
     rows = torch_twin.compare(batch, repeats, models=("small_cnn",))
     rows.update(torch_twin.compare(batch, min(repeats, 3), models=("vgg16", "resnet18")))
-    return rows
+    return {"steps": rows, "conv_passes": conv_passes.compare(batch, max(repeats, 5))}
 
 
 def torchattacks_comparison(batch: int, repeats: int) -> dict | None:
@@ -183,7 +193,10 @@ def to_markdown(r: dict) -> str:
         out.append("Skipped (`--quick`, or PyTorch not installed: `pip install torch==2.13.0`).")
     else:
         out += ["Same batch, steps of the two frameworks interleaved; medians.", ""]
-        out += torch_twin.to_markdown(r["torch"])
+        out += torch_twin.to_markdown(r["torch"]["steps"])
+        out += ["", "ResNet-18 convolutions, each pass on its own (ms; ratio ours / PyTorch):",
+                ""]
+        out += conv_passes.to_markdown(r["torch"]["conv_passes"])
     out += ["", "## 4. Penalty overhead (optax update, every kernel)", "",
             "| model | TRADES-10 ms | CNC exact | CNC tracked k=16 | CNC tracked, cos >= 0.99 "
             "| TSC | TSC + CNC (cos >= 0.99) |",

@@ -130,3 +130,20 @@ def test_torchattacks_comparison_runs_and_reports_members():
         assert e["ours"] > 0 and e["torchattacks"] > 0 and e["ours_floor"] > 0
     text = "\n".join(torchattacks_twin.to_markdown(rows))
     assert "| sum |" in text and "| square | 0, 251 |" in text
+
+
+@pytest.mark.parametrize("stride,k", [(1, 3), (2, 3), (2, 1)])
+def test_conv_passes_compute_the_same_three_passes_in_both_frameworks(stride, k):
+    pytest.importorskip("torch")
+    from benchmarks import conv_passes
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 6, 6, 3)).astype(np.float32)
+    w = rng.standard_normal((k, k, 3, 4)).astype(np.float32)
+    g = rng.standard_normal((2, 6 // stride, 6 // stride, 4)).astype(np.float32)
+    ours, theirs = conv_passes._ours(x, w, g, stride), conv_passes._theirs(x, w, g, stride)
+    to_ours = {"forward": (0, 2, 3, 1), "input_grad": (0, 2, 3, 1), "weight_grad": (2, 3, 1, 0)}
+    for p in conv_passes.PASSES:
+        np.testing.assert_allclose(np.asarray(ours[p]()),
+                                   theirs[p]().numpy().transpose(to_ours[p]),
+                                   rtol=1e-4, atol=1e-4, err_msg=p)
