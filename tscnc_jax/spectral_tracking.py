@@ -92,7 +92,10 @@ tracked penalty is a *different* (sharper) condition-number surrogate that pushe
 extremes; it still drives ``kappa`` down (tests: 118 -> < 2 on a 64x64 matrix with ``k = 1``).
 Small ``k`` also converges slowly on flat spectra: with ``k = 1`` and 2 iterations per step the
 tracked ``log kappa`` of a kernel with ``kappa ~ 2`` lagged the exact one by up to 20 % in a
-training run, with ``k = 4`` by < 0.1 %.
+training run, with ``k = 4`` by < 0.1 %. Since the ``k`` a cosine needs varies by layer, ``k`` can
+be given per kernel: ``add_tracked_condition_number_penalty(w, k=minimal_k(params))`` tracks
+each kernel with its own smallest ``k`` for cosine 0.99 (the small CNN: 1, 10, 41, 4), at a
+fraction of the cost of one large ``k`` everywhere (``benchmarks/results/run.md``).
 
 Exactly zero singular values (an all-zero kernel, ``A x = 0`` exactly) get a zero left vector
 and hence no gradient; numerically zero ones (a dead unit) get the normalised rounding noise of
@@ -621,7 +624,10 @@ def minimal_k(
     """Smallest ``k`` per kernel whose converged gradient cosine reaches ``cosine``.
 
     Uses one host float64 SVD per kernel (:func:`tscnc_jax.spectral.tree_singular_values`) and
-    :func:`converged_gradient_cosine`; a planning tool, not for use inside a training step.
+    :func:`converged_gradient_cosine`; a planning tool, not for use inside a training step. The
+    result is a valid ``k`` for :func:`add_tracked_condition_number_penalty` and
+    :func:`init_tracked_vectors`. It holds for the spectra of ``params``; training changes them
+    (pruning in particular), so re-plan from a checkpoint when they have moved.
     """
     if not 0.0 < cosine <= 1.0:
         raise ValueError(f"`cosine` must be in (0, 1], got {cosine!r}.")
