@@ -9,7 +9,8 @@ compiling call):
    GFLOP/s (``2 N^3`` per call).
 2. **Training steps** at ``--batch`` (128): clean, PGD-AT-10, TRADES-10 and TRADES-10 + TSCNC
    (exact CNC + TSC) for the small CNN, VGG-16 and ResNet-18 (small CNN only with ``--quick``):
-   ms, images/s, and achieved GFLOP/s in direct-convolution terms against the peak. The FLOPs of
+   ms, images/s, and achieved GFLOP/s in direct-convolution terms against the peak (re-measured
+   before and after each row, the higher of the two: the machine drifts). The FLOPs of
    one forward pass come from XLA's cost analysis of the loop-free forward; a step counts
    ``F`` per forward, ``2F`` per backward with weight gradients and ``F`` per input-only backward
    (the attack's), i.e. clean ``3F``, PGD-AT-10 ``10 * 2F + 3F + F`` (the clean forward for the
@@ -98,15 +99,20 @@ def forward_flops(model_name: str, batch: int) -> float:
     return _flops(fwd.lower(variables, x).compile())
 
 
-def train_steps(models, batch: int, repeats: int, peak_gflops: float) -> list[dict]:
+def train_steps(models, batch: int, repeats: int, peak_n: int) -> list[dict]:
+    # The machine's speed drifts within a run (a 4096^2 matmul measured 203 GFLOP/s at the start
+    # of one run and the steps after it ran 2x faster), so each row's percentage is against a
+    # peak measured right before it, and the higher of that and one right after.
     rows = []
     for name in models:
         f = forward_flops(name, batch)
         for loss, tscnc in LOSSES:
+            before = peak(peak_n, 3)["gflops"]
             r = train_step._time_step(name, loss, tscnc, batch, repeats)
+            r["peak_gflops"] = max(before, peak(peak_n, 3)["gflops"])
             r["forward_flops"] = f
             r["gflops"] = FORWARDS[loss] * f / r["median_s"] / 1e9
-            r["percent_of_peak"] = 100 * r["gflops"] / peak_gflops
+            r["percent_of_peak"] = 100 * r["gflops"] / r["peak_gflops"]
             rows.append(r)
             print(f"{name} {loss} tscnc={tscnc}: {r['median_s'] * 1e3:.1f} ms, "
                   f"{r['gflops']:.1f} GFLOP/s", flush=True)
@@ -182,12 +188,13 @@ def to_markdown(r: dict) -> str:
            "## 2. Training steps", "",
            f"Batch {r['batch']}, median of {r['repeats']} steps; GFLOP/s in direct-convolution "
            f"terms (forward FLOPs from XLA's cost analysis x forward equivalents per step).", "",
-           "| model | step | ms | images/s | GFLOP/s | % of peak |",
-           "|---|---|---:|---:|---:|---:|"]
+           "| model | step | ms | images/s | GFLOP/s | adjacent peak GFLOP/s | % of peak |",
+           "|---|---|---:|---:|---:|---:|---:|"]
     for s in r["train_steps"]:
         step = s["loss"] + ("-10" if s["loss"] != "clean" else "") + (" + TSCNC" * s["tscnc"])
         out.append(f"| {s['model']} | {step} | {s['median_s'] * 1e3:.1f} | "
-                   f"{s['images_per_s']:.1f} | {s['gflops']:.1f} | {s['percent_of_peak']:.1f} |")
+                   f"{s['images_per_s']:.1f} | {s['gflops']:.1f} | {s['peak_gflops']:.0f} | "
+                   f"{s['percent_of_peak']:.1f} |")
     out += ["", "## 3. JAX vs PyTorch", ""]
     if r["torch"] is None:
         out.append("Skipped (`--quick`, or PyTorch not installed: `pip install torch==2.13.0`).")
@@ -252,7 +259,7 @@ def main() -> None:
     models = ["small_cnn"] if quick else ["small_cnn", "vgg16", "resnet18"]
     r = {"machine": common.machine_info(), "quick": quick, "batch": batch, "repeats": repeats}
     r["peak"] = peak(1024 if quick else 4096, repeats if quick else 10)
-    r["train_steps"] = train_steps(models, batch, repeats, r["peak"]["gflops"])
+    r["train_steps"] = train_steps(models, batch, repeats, r["peak"]["n"])
     trades_s = {s["model"]: s["median_s"] for s in r["train_steps"]
                 if s["loss"] == "trades" and not s["tscnc"]}
     r["torch"] = None if quick else torch_comparison(batch, repeats)
