@@ -18,7 +18,7 @@ Conventions shared by all attacks:
   misclassified point if it found one (the one of highest loss), otherwise the point of highest
   loss. Restarts only matter for points no restart has broken yet, and are skipped once the whole
   batch is broken; an APGD or Square run also stops as soon as every example of the batch is
-  (nothing it could still find changes the robust accuracy).
+  broken (nothing it could still find changes the robust accuracy).
 * ``logits_fn`` must treat examples independently (no batch statistics): gradients are taken of the
   sum of per-example losses.
 * Argument checks: static arguments are checked eagerly (``ValueError`` naming the argument). The
