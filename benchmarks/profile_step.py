@@ -28,7 +28,6 @@ import jax
 import numpy as np
 
 from benchmarks import torch_twin, train_step
-from tscnc_jax import training
 
 _HLO_OP = re.compile(r"^\s*%?([\w.\-]+) = \S+ (convolution|fusion|copy)\((.*)$", re.M)
 
@@ -55,19 +54,13 @@ def profile(model: str, loss: str, batch_size: int = 128) -> dict:
     shape = train_step.MODELS[model][1]
     batch = {"image": rng.uniform(0, 1, (batch_size, *shape)).astype(np.float32),
              "label": rng.integers(0, 10, batch_size).astype(np.int32)}
-    make_model, _ = train_step.MODELS[model]
-    net, eps = make_model(), train_step.EPS[model]
-    tx = training.make_optimizer(0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    state = training.create_train_state(net, tx, jax.random.key(0), shape)
-    attack = training.default_attack(loss, eps=eps, steps=torch_twin.STEPS, step_size=eps / 4)
-    step = jax.jit(training.make_train_step(net, tx, loss=loss, attack=attack, beta=6.0,
-                                            ema_decay=None))
+    step, state = torch_twin.jax_train_step(model, loss)
     compiled = step.lower(state, batch).compile()
     kinds = _kinds(compiled.as_text())
     for _ in range(2):
-        jax.block_until_ready(compiled(state, batch))
+        state = jax.block_until_ready(compiled(state, batch))[0]  # the state is donated
     t0 = time.perf_counter()
-    jax.block_until_ready(compiled(state, batch))
+    state = jax.block_until_ready(compiled(state, batch))[0]
     wall = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
@@ -76,8 +69,8 @@ def profile(model: str, loss: str, batch_size: int = 128) -> dict:
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     per_op, calls = collections.Counter(), collections.Counter()
     for e in events:
-        if e.get("ph") == "X" and e.get("name") in kinds or str(e.get("name", "")).startswith(
-                "conv_general_dilated"):
+        name = str(e.get("name", ""))
+        if e.get("ph") == "X" and (name in kinds or name.startswith("conv_general_dilated")):
             per_op[e["name"]] += e.get("dur", 0) / 1e6
             calls[e["name"]] += 1
     by_kind: dict = collections.defaultdict(lambda: {"seconds": 0.0, "ops": []})

@@ -194,8 +194,9 @@ def build_twin(name: str, variables: dict):
 # ----------------------------------------------------------------------------------------------
 
 
-def _jax_step(name: str, loss: str, batch: dict):
-    """A no-argument callable that runs one jitted training step of ours and waits for it."""
+def jax_train_step(name: str, loss: str):
+    """``(step, state)``: our jitted training step matching the twin's (state donated) and its
+    initial state."""
     make_model, shape = train_step.MODELS[name]
     model = make_model()
     eps = train_step.EPS[name]
@@ -204,6 +205,12 @@ def _jax_step(name: str, loss: str, batch: dict):
     attack = training.default_attack(loss, eps=eps, steps=STEPS, step_size=eps / 4)
     step = jax.jit(training.make_train_step(model, tx, loss=loss, attack=attack, beta=6.0,
                                             ema_decay=None), donate_argnums=0)
+    return step, state
+
+
+def _jax_step(name: str, loss: str, batch: dict):
+    """A no-argument callable that runs one jitted training step of ours and waits for it."""
+    step, state = jax_train_step(name, loss)
     holder = {"state": state}
 
     def run():
