@@ -142,6 +142,11 @@ def _validate(config) -> None:
     if config.eval.checkpoint not in ("final", "best"):
         raise ValueError(f"config.eval.checkpoint must be 'final' or 'best', got "
                          f"{config.eval.checkpoint!r}.")
+    if config.eval.num_standard < 0 or (config.eval.num_standard
+                                        and config.eval.attacks != "fast"):
+        raise ValueError(f"config.eval.num_standard={config.eval.num_standard} needs "
+                         f"config.eval.attacks='fast' (got {config.eval.attacks!r}) and must be "
+                         f">= 0: it adds the standard ensemble on a subset to the fast one.")
 
 
 def _run_loop(
@@ -428,11 +433,27 @@ def final_evaluation(config, model, state: tj.TrainState, data, masks=None) -> d
         xb, yb = x[i:i + config.batch_size], y[i:i + config.batch_size]
         x_adv = pgd_jit(xb, yb, keys[i:i + config.batch_size])
         correct_pgd += int(jnp.sum(jnp.argmax(logits_fn(x_adv), -1) == yb))
+    def batches(m):
+        return [(x[i:min(i + config.batch_size, m)], y[i:min(i + config.batch_size, m)])
+                for i in range(0, m, config.batch_size)]
+
     report = tj.evaluate_robustness(
-        logits_fn, [(x[i:i + config.batch_size], y[i:i + config.batch_size])
-                    for i in range(0, n, config.batch_size)],
-        eps=config.eps, attacks=config.eval.attacks, key=jax.random.key(config.seed + 6),
-        progress=config.progress)
+        logits_fn, batches(n), eps=config.eps, attacks=config.eval.attacks,
+        key=jax.random.key(config.seed + 6), progress=config.progress)
+    standard = {}
+    n_std = min(config.eval.num_standard, n)
+    if n_std:
+        t_std = time.time()
+        std = tj.evaluate_robustness(logits_fn, batches(n_std), eps=config.eps,
+                                     attacks="standard", key=jax.random.key(config.seed + 8),
+                                     progress=config.progress)
+        fast_robust = report.clean_correct[:n_std] & (report.broken_by[:n_std] < 0)
+        standard = {"num_standard": n_std,
+                    "standard_ensemble_acc": float(std.ensemble_robust_accuracy),
+                    "fast_ensemble_acc_on_standard_subset": float(np.mean(fast_robust)),
+                    "standard_per_attack": {k: float(v) for k, v in std.robust_accuracy.items()},
+                    "standard_attack_warnings": list(std.warnings),
+                    "standard_seconds": time.time() - t_std}
     n_lip = min(config.eval.num_lipschitz, n)
     lip_jit = jax.jit(lambda xb, kb: tj.local_lipschitz(
         logits_fn, xb, key=kb, eps=config.eps, steps=config.eval.lipschitz_steps))
@@ -454,6 +475,7 @@ def final_evaluation(config, model, state: tj.TrainState, data, masks=None) -> d
         "local_lipschitz_median": float(np.median(lip)) if n_lip else float("nan"),
         "num_lipschitz": n_lip,
         "eval_seconds": time.time() - t0,
+        **standard,
     }
     result.update(spectral_report(params, masks))
     return result

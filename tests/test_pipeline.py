@@ -54,6 +54,14 @@ def test_every_method_has_a_documented_config():
         assert quick.dataset == "fashion_mnist" and quick.model == full.model
         assert quick.data.num_train == 6400 and quick.eval.attacks == "fast"
         assert quick.dense.epochs < full.dense.epochs and quick.eval.num_test == 1000
+        short = module.get_config("short")
+        assert short.data.num_train == 0 and short.eval.num_test == full.eval.num_test
+        assert short.eval.attacks == "fast" and short.eval.num_standard > 0
+        assert short.dense.epochs < full.dense.epochs and short.model == full.model
+    bad = _config("hydra", "")
+    bad.eval.num_standard = 10  # with the standard ensemble already configured: meaningless
+    with pytest.raises(ValueError, match="num_standard=10 needs config.eval.attacks='fast'"):
+        train._validate(bad)
     with pytest.raises(ValueError, match="quick,smoke"):
         _config("hydra", "quick,smoke")
     with pytest.raises(ValueError, match="imagenet"):
@@ -73,8 +81,22 @@ def test_smoke_config_runs_end_to_end(name, variant, tmp_path):
         # The CIFAR/SVHN presets' deep models compile slowly on a CPU: their dense stage and the
         # final evaluation run here; pruning and fine-tuning are the Fashion-MNIST runs' code.
         config.stages = ("dense",)
+    if name == "hydra":  # the standard ensemble on a subset beside the fast one (study runs)
+        config.eval.num_standard = 40
     summary = train.train_and_evaluate(config, tmp_path)
     assert 0.0 <= summary["ensemble_acc"] <= summary["clean_acc"] <= 1.0
+    if name == "hydra":
+        assert summary["num_standard"] == 40
+        assert set(summary["standard_per_attack"]) == {"apgd-ce", "apgd-t", "square"}
+        per_attack = summary["standard_per_attack"]  # cumulative: the last is the ensemble
+        assert 0.0 <= summary["standard_ensemble_acc"] <= min(per_attack.values())
+        # The fast ensemble's accuracy on the same 40 images (a part of the 64): a multiple of
+        # 1/40, and no more robust images than on all 64.
+        frac = summary["fast_ensemble_acc_on_standard_subset"] * 40
+        assert abs(frac - round(frac)) < 1e-9
+        assert frac <= summary["ensemble_acc"] * summary["num_test"] + 1e-9
+    else:
+        assert "standard_ensemble_acc" not in summary
     if "prune" in config.stages:
         assert summary["sparsity"] >= config.prune.sparsity - 1e-9  # never below the target
     assert (tmp_path / "results.md").read_text().count("|") > 10

@@ -17,7 +17,10 @@ def _summary(method, target, seed, ensemble, live, bound, stages=("dense", "prun
         "pgd20_acc": ensemble + 0.05, "ensemble_acc": ensemble,
         "median_log10_kappa": math.inf if target >= 0.99 else live,
         "median_log10_live_kappa": live, "lipschitz_upper_bound": bound,
-        "local_lipschitz_mean": 1.0, "wall_seconds": 600.0}
+        "local_lipschitz_mean": 1.0, "wall_seconds": 600.0, "num_test": 10000,
+        "live_kappa": {"Conv_0/kernel": 10.0 ** live, "Dense_0/kernel": 100.0},
+        "num_standard": 500, "standard_ensemble_acc": ensemble - 0.01,
+        "fast_ensemble_acc_on_standard_subset": ensemble + 0.01 * target}
 
 
 @pytest.fixture
@@ -59,7 +62,19 @@ def test_tables_spread_and_correlations(kept, tmp_path):
     text = report.report(kept, tmp_path / "out")
     assert "| hydra | 99.00 | 2 |" in text.replace("small_cnn | trades | ", "")
     assert "| 22.00 ± 2.83 |" in text  # ensemble mean ± spread of the two HYDRA seeds
-    for name in ("kappa_vs_sparsity.png", "robust_vs_sparsity.png", "robust_vs_kappa.png"):
+    # Fast minus standard on the same images: 0.01 (1 + target) points per run.
+    gaps = 100 * np.array([0.01 * (1 + t) for t in (0.0, 0.9, 0.99, 0.99, 0.99, 0.99)])
+    assert (f"mean {gaps.mean():.2f} points, largest {gaps.max():.2f}, smallest "
+            f"{gaps.min():.2f}") in text
+    assert "| 54.00 (55.00) on 500 |" in text  # the dense run's standard (fast) on first N
+    # The 99 % columns use the four 99 % runs only.
+    c99 = report.correlations([r for r in records if r.target == 0.99], "log10_live_kappa")
+    assert c99["n"] == 4 and f"| 4 | {c99['pearson']:.3f} |" in text
+    # Per-kernel table: pruned runs only, log10 of each kernel's live kappa.
+    assert "| run | Conv_0 | Dense_0 |" in text and "| run2 | 2.00 | 2.00 |" in text
+    assert "| run0 |" not in text.split("Per-kernel")[1]
+    for name in ("kappa_vs_sparsity.png", "robust_vs_sparsity.png", "robust_vs_kappa.png",
+                 "lipschitz_vs_sparsity.png"):
         assert (tmp_path / "out" / name).read_bytes()[:4] == b"\x89PNG"
 
 
