@@ -7,6 +7,20 @@
 
 ``--set=key=value`` applies to every run (after the plan's own overrides).
 
+``--variant=short`` is the schedule the kept study in ``docs/results/study/`` ran on the
+project's 2-core CPU (all the training data, 3 + 1 + 1 epochs, the fast ensemble on the 10,000
+test images and the standard one on the first 500; ``experiments/configs/base.py:short``), in
+this priority order, each command skipping what earlier ones finished::
+
+    S="--workdir=runs/study --summaries=docs/results/study --variant=short --set=progress=False"
+    FIRST='^(dense_trades|lwm|hydra(_tsc|_cnc|_tscnc)?|tscnc_authors)(_99)?_s0$'
+    python -m experiments.study $S --only="$FIRST"      # dense and every method at 99 %
+    python -m experiments.study $S --only='^(hydra|hydra_tscnc)_(90|95|99_5)_s0$'
+    python -m experiments.study $S --only='^(hydra|hydra_tscnc)_99_s1$'
+    python -m experiments.study $S --only='^pgd_at_'
+    python -m experiments.study $S --only='^lenet5_'
+    python -m experiments.study $S     # the rest of the plan
+
 Fashion-MNIST, small CNN, eps 0.1, TRADES (each config's full recipe unless ``--variant``):
 
 1. ``dense_trades_s0``, then every method at 99 % sparsity (seed 0): LWM + fine-tune, HYDRA,
