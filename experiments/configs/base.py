@@ -255,7 +255,8 @@ def short(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     The full 55,000-image training split, dense 3 epochs, prune 1, fine-tune 1; PGD-20 and the
     fast ensemble on all 10,000 test images, the standard ensemble on the first 500 (with the
     fast ensemble's accuracy on the same 500 for the gap) and the local Lipschitz estimate on the
-    first 500. About 7 minutes per pruned small-CNN run on the project's 2-core CPU.
+    first 500. Measured on the project's 2-core CPU (2026-12-02, small CNN): 14 minutes for the
+    dense TRADES run, 16-18 minutes per HYDRA run (about 7 of them evaluation), 12.5 for LWM.
     """
     c.dense.epochs = 3
     c.prune.epochs = 1
