@@ -52,7 +52,6 @@ class Record:
     log10_lipschitz_bound: float
     local_lipschitz: float
     wall_seconds: float
-    num_test: int = 0
     # The standard ensemble on the first num_standard test images and the fast ensemble's
     # accuracy on the same images (eval.num_standard > 0); NaN / 0 when the run has none.
     standard: float = math.nan
@@ -78,7 +77,6 @@ def _record(run: str, s: dict) -> Record:
                   log10_lipschitz_bound=math.log10(max(s["lipschitz_upper_bound"], 1e-300)),
                   local_lipschitz=float(s.get("local_lipschitz_mean", math.nan)),
                   wall_seconds=float(s.get("wall_seconds", math.nan)),
-                  num_test=int(s.get("num_test", 0)),
                   standard=float(s.get("standard_ensemble_acc", math.nan)),
                   fast_on_standard_subset=float(
                       s.get("fast_ensemble_acc_on_standard_subset", math.nan)),
