@@ -39,7 +39,9 @@ def main(argv):
         jax.distributed.initialize()
     # orbax logs every save at INFO; the progress bar and metrics.jsonl say what matters.
     logging.set_verbosity(logging.WARNING)
-    summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    config = FLAGS.config
+    config.stages = train.split_stages(config.stages)  # --config.stages=prune,finetune
+    summary = train.train_and_evaluate(config, FLAGS.workdir)
     print(train.results_markdown([summary]))
 
 

@@ -135,6 +135,33 @@ def correlations(records: list[Record], predictor: str, target: str = "ensemble"
             "spearman": float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])}
 
 
+def paired_differences(records: list[Record], baseline: str = "hydra") -> list[dict]:
+    """Every method minus ``baseline`` on the same model, loss, target sparsity and seed.
+
+    Pairing by seed removes what the two runs share (the dense model they start from, the
+    data order), so the mean difference is a sharper comparison than the difference of the
+    two methods' means. Per (model, loss, method, target): the mean and sample standard
+    deviation over the paired seeds of the clean and ensemble accuracy differences, and the
+    seeds used.
+    """
+    base = {(r.model, r.loss, r.target, r.seed): r for r in records if r.method == baseline}
+    groups = defaultdict(list)
+    for r in records:
+        b = base.get((r.model, r.loss, r.target, r.seed))
+        if r.method != baseline and r.target > 0 and b is not None:
+            groups[(r.model, r.loss, r.method, r.target)].append((r, b))
+    out = []
+    for (model, loss, method, target), pairs in sorted(groups.items()):
+        row = {"model": model, "loss": loss, "method": method, "target": target,
+               "n": len(pairs), "seeds": sorted(r.seed for r, _ in pairs)}
+        for f in ("clean", "ensemble"):
+            d = np.array([getattr(r, f) - getattr(b, f) for r, b in pairs], np.float64)
+            row[f] = float(d.mean())
+            row[f + "_std"] = float(d.std(ddof=1)) if len(d) > 1 else math.nan
+        out.append(row)
+    return out
+
+
 PREDICTORS = {"log10_live_kappa": "median log10 live kappa",
               "log10_kappa": "median log10 kappa (full kernels)",
               "log10_lipschitz_bound": "log10 prod sigma_max (Lipschitz upper bound)",
@@ -182,6 +209,19 @@ def tables(records: list[Record]) -> str:
             f"{row['n']} | {_pm(row, 'clean')} | {_pm(row, 'pgd')} | {_pm(row, 'ensemble')} | "
             f"{_pm(row, 'standard')} | {_pm(row, 'log10_live_kappa', 1.0)} | "
             f"{_pm(row, 'log10_lipschitz_bound', 1.0)} | {_pm(row, 'local_lipschitz', 1.0)} |")
+    paired = paired_differences(records)
+    if paired:
+        lines += ["", "## Each method minus HYDRA, paired by seed", "",
+                  "Accuracy differences in points, same model, loss, target sparsity and seed "
+                  "(mean ± sample standard deviation over the paired seeds; positive: the method "
+                  "beats HYDRA).", "",
+                  "| model | loss | method | target | seeds | clean | ensemble |",
+                  "|---|---|---|---:|---|---:|---:|"]
+        for row in paired:
+            lines.append(
+                f"| {row['model']} | {row['loss']} | {row['method']} | {_pct(row['target'])} | "
+                f"{', '.join(map(str, row['seeds']))} | {_pm(row, 'clean')} | "
+                f"{_pm(row, 'ensemble')} |")
     lines += ["", "## Which quantity predicts ensemble robust accuracy", "",
               "Over all runs, sparsity drives both the predictor and the accuracy; the runs at "
               "one target sparsity (99 %) compare methods with sparsity held fixed.", "",

@@ -23,10 +23,12 @@ this priority order, each command skipping what earlier ones finished::
 
 Fashion-MNIST, small CNN, eps 0.1, TRADES (each config's full recipe unless ``--variant``):
 
-1. ``dense_trades_s0``, then every method at 99 % sparsity (seed 0): LWM + fine-tune, HYDRA,
-   HYDRA + TSC, HYDRA + CNC, HYDRA + TSCNC (principled) from that dense model (``init_dir``), and
-   the authors'-code TSCNC (gated network, so its own dense stage);
-2. every method at 90, 95 and 99.5 % (seed 0), from the same dense models;
+1. ``dense_trades_s0``, then every method at 99 % sparsity (seed 0): LWM + fine-tune and HYDRA
+   prune that plain TRADES model (``init_dir``, ``stages=prune,finetune``); HYDRA + TSC, HYDRA +
+   CNC, HYDRA + TSCNC (principled) and the authors'-code TSCNC (gated network) train their own
+   dense stage, with their penalties in it as the method prescribes (METHOD.md section 5);
+2. every method at 90, 95 and 99.5 % (seed 0), from the same dense stages (a penalised method's
+   from its 99 % run);
 3. seeds 1 and 2: a dense model each and every method at 99 %;
 4. PGD-AT for one setting: dense, HYDRA and HYDRA + TSCNC at 99 % (seed 0);
 5. a second architecture, LeNet-5: dense, HYDRA and HYDRA + TSCNC at 99 % (seed 0).
@@ -35,7 +37,8 @@ The order makes a partly finished study informative early. Every run is ``experi
 its own process and workdir through :func:`experiments.sweep.run_all`: a finished run
 (``summary.json`` present) is skipped, a killed one resumes from its checkpoints, a failed one
 does not stop the others, and each finished summary is copied to ``--summaries/<name>/`` at once.
-A pruned run reads its dense stage from the named dense run, which comes earlier in the plan.
+A run that reuses a dense stage reads it from the named run, which comes earlier in the plan
+(``Run.dense_from``), and leaves ``dense`` out of its ``config.stages``.
 """
 
 from __future__ import annotations
@@ -60,8 +63,13 @@ def _define_flags() -> None:
 
 SPARSITIES = (0.99, 0.9, 0.95, 0.995)  # 99 % first: the row with several seeds
 SEEDS = (0, 1, 2)
-SHARED_DENSE = ("lwm", "hydra", "hydra_tsc", "hydra_cnc", "hydra_tscnc")
-AUTHORS = "tscnc_authors"
+# Methods whose dense stage is plain TRADES: they prune the seed's shared dense_trades model.
+SHARED_DENSE = ("lwm", "hydra")
+# Methods whose dense stage carries their penalties (METHOD.md section 5, step 1): the first run
+# of each seed trains that dense stage, the method's other sparsities start from it.
+OWN_DENSE = ("hydra_tsc", "hydra_cnc", "hydra_tscnc")
+AUTHORS = "tscnc_authors"  # own dense stage too (a gated network), then HYDRA, no fine-tuning
+METHODS = (*SHARED_DENSE, *OWN_DENSE, AUTHORS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +82,9 @@ class Run:
     def flags(self, root: pathlib.Path) -> list[str]:
         out = [f"--config.{k}={v}" for k, v in self.overrides]
         if self.dense_from is not None:
-            out.append(f"--config.init_dir={root / self.dense_from}")
+            # Without the dense stage in config.stages: a run that lists it trains its own.
+            stages = "prune" if self.config == AUTHORS else "prune,finetune"
+            out += [f"--config.stages={stages}", f"--config.init_dir={root / self.dense_from}"]
         return out
 
 
@@ -89,13 +99,15 @@ def _pruned(method: str, sparsity: float, seed: int, dense: str | None,
 
 
 def _seed_block(seed: int, sparsities) -> list[Run]:
-    dense = f"dense_trades_s{seed}"
-    # The authors' variant trains its own (gated) dense model once per seed, in its first run.
-    first = _pruned(AUTHORS, sparsities[0], seed, None).name
+    shared = f"dense_trades_s{seed}"
     runs = []
     for sp in sparsities:
-        runs += [_pruned(m, sp, seed, dense) for m in SHARED_DENSE]
-        runs.append(_pruned(AUTHORS, sp, seed, None if sp == sparsities[0] else first))
+        for m in METHODS:
+            if m in SHARED_DENSE:
+                runs.append(_pruned(m, sp, seed, shared))
+            else:  # its first sparsity trains the method's dense stage, the others reuse it
+                first = _pruned(m, sparsities[0], seed, None).name
+                runs.append(_pruned(m, sp, seed, None if sp == sparsities[0] else first))
     return runs
 
 
@@ -108,12 +120,12 @@ def plan() -> list[Run]:
         runs += _seed_block(seed, SPARSITIES[:1])
     pgd_at = (("loss", "pgd_at"),)
     runs.append(Run("pgd_at_dense_s0", "dense_pgd_at", (("seed", "0"),)))
-    runs += [_pruned(m, 0.99, 0, "pgd_at_dense_s0", pgd_at, prefix="pgd_at_")
-             for m in ("hydra", "hydra_tscnc")]
+    runs += [_pruned(m, 0.99, 0, "pgd_at_dense_s0" if m in SHARED_DENSE else None, pgd_at,
+                     prefix="pgd_at_") for m in ("hydra", "hydra_tscnc")]
     lenet = (("model.name", "lenet5"),)
     runs.append(Run("lenet5_dense_s0", "dense_trades", (("seed", "0"), *lenet)))
-    runs += [_pruned(m, 0.99, 0, "lenet5_dense_s0", lenet, prefix="lenet5_")
-             for m in ("hydra", "hydra_tscnc")]
+    runs += [_pruned(m, 0.99, 0, "lenet5_dense_s0" if m in SHARED_DENSE else None, lenet,
+                     prefix="lenet5_") for m in ("hydra", "hydra_tscnc")]
     return runs
 
 

@@ -118,6 +118,17 @@ def _eval_attack(config):
                                    step_size=config.eval.pgd_step_size)
 
 
+def split_stages(stages) -> tuple[str, ...]:
+    """``config.stages`` as a tuple of names; also splits comma-joined names.
+
+    On the command line ``--config.stages=prune,finetune`` reaches the config as the 1-tuple
+    ``("prune,finetune",)`` (ml_collections parses a tuple field's unquoted value as one string).
+    """
+    if isinstance(stages, str):
+        stages = (stages,)
+    return tuple(name.strip() for item in stages for name in str(item).split(",") if name.strip())
+
+
 def _validate(config) -> None:
     if not config.stages:
         raise ValueError(f"config.stages is empty; choose consecutive stages of {STAGES}.")
@@ -139,6 +150,11 @@ def _validate(config) -> None:
         raise ValueError(f"config.stages={tuple(config.stages)} must be consecutive stages of "
                          f"{STAGES}, in that order (earlier stages are loaded from "
                          f"config.init_dir or the workdir).")
+    if config.init_dir and "dense" in config.stages:
+        raise ValueError(f"config.init_dir={config.init_dir!r} would be ignored: config.stages="
+                         f"{tuple(config.stages)} trains its own dense stage. Drop 'dense' from "
+                         f"config.stages (e.g. --config.stages=prune,finetune) to start from "
+                         f"init_dir's finished dense stage, or unset config.init_dir.")
     if config.eval.checkpoint not in ("final", "best"):
         raise ValueError(f"config.eval.checkpoint must be 'final' or 'best', got "
                          f"{config.eval.checkpoint!r}.")

@@ -172,6 +172,25 @@ def test_unknown_config_key_is_rejected(tmp_path):
     config.stages = ("prune", "finetune")  # the dense stage has not run in tmp_path
     with pytest.raises(FileNotFoundError, match="--config.stages=dense"):
         train.train_and_evaluate(config, tmp_path)
+    # An init_dir next to a dense stage would silently train a new dense model instead.
+    config.stages = ("dense", "prune", "finetune")
+    config.init_dir = str(tmp_path / "dense_run")
+    with pytest.raises(ValueError, match=r"init_dir=.*dense_run.* would be ignored"):
+        train.train_and_evaluate(config, tmp_path)
+
+
+def test_stages_from_the_command_line_split_on_commas(tmp_path):
+    assert train.split_stages(("prune,finetune",)) == ("prune", "finetune")
+    assert train.split_stages(("dense", " prune , finetune")) == ("dense", "prune", "finetune")
+    assert train.split_stages("prune") == ("prune",)
+    config_arg = str(ROOT / "experiments" / "configs" / "hydra.py") + ":smoke"
+    proc = _main(config_arg, tmp_path / "run", "--config.stages=prune,finetune",
+                 f"--config.init_dir={tmp_path / 'no_dense'}")
+    assert proc.wait(timeout=300) != 0
+    err = proc.stderr.read()
+    # Two stages reached the pipeline (not one called 'prune,finetune'), which then looked for
+    # the dense stage in init_dir.
+    assert "no finished dense stage" in err and "no_dense" in err, err[-2000:]
 
 
 @pytest.mark.slow

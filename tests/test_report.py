@@ -81,3 +81,20 @@ def test_tables_spread_and_correlations(kept, tmp_path):
 def test_empty_directory_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="experiments.study"):
         report.load(tmp_path)
+
+
+def test_paired_differences_match_seed_by_seed(kept, tmp_path):
+    records = report.load(kept)
+    (row,) = report.paired_differences(records)  # only hydra_tscnc at 99 % has a HYDRA partner
+    assert (row["method"], row["target"], row["seeds"]) == ("hydra_tscnc", 0.99, [0, 1])
+    d = np.array([0.26 - 0.20, 0.28 - 0.24])
+    np.testing.assert_allclose([row["ensemble"], row["ensemble_std"]],
+                               [d.mean(), d.std(ddof=1)], rtol=1e-12)
+    np.testing.assert_allclose(row["clean"], d.mean(), rtol=1e-12)  # clean = ensemble + 0.2
+    # Without HYDRA's seed 1 only seed 0 pairs: one difference, no spread.
+    (one,) = report.paired_differences(
+        [r for r in records if not (r.method == "hydra" and r.seed == 1)])
+    assert one["seeds"] == [0] and math.isnan(one["ensemble_std"])
+    np.testing.assert_allclose(one["ensemble"], 0.06, rtol=1e-12)
+    text = report.report(kept, tmp_path / "out")
+    assert "| small_cnn | trades | hydra_tscnc | 99.00 | 0, 1 | 5.00 ± 1.41 | 5.00 ± 1.41 |" in text

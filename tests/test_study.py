@@ -21,7 +21,7 @@ def test_plan_covers_the_study_and_orders_dense_runs_first():
     for r in runs:  # every reused dense stage is produced earlier in the same sweep
         if r.dense_from is not None:
             assert position[r.dense_from] < position[r.name], r.name
-    methods = (*study.SHARED_DENSE, study.AUTHORS)
+    methods = study.METHODS
     for m in methods:
         for sp in ("90", "95", "99", "99_5"):
             assert f"{m}_{sp}_s0" in position
@@ -30,8 +30,31 @@ def test_plan_covers_the_study_and_orders_dense_runs_first():
     # 99 % of seed 0 for every method comes right after its dense model.
     assert names[:1 + len(methods)] == ["dense_trades_s0"] + [f"{m}_99_s0" for m in methods]
     flags_of = {r.name: r.flags(pathlib.Path("w")) for r in runs}
-    assert flags_of["hydra_tscnc_99_5_s0"] == [
-        "--config.seed=0", "--config.prune.sparsity=0.995", "--config.init_dir=w/dense_trades_s0"]
+    # Penalty-free methods prune the shared dense model; a penalised method trains its dense
+    # stage (with its penalties) at its first sparsity and reuses it at the others.
+    assert flags_of["hydra_99_5_s0"] == [
+        "--config.seed=0", "--config.prune.sparsity=0.995", "--config.stages=prune,finetune",
+        "--config.init_dir=w/dense_trades_s0"]
+    assert flags_of["hydra_tscnc_99_s0"] == ["--config.seed=0", "--config.prune.sparsity=0.99"]
+    assert flags_of["hydra_tscnc_99_5_s0"][-2:] == [
+        "--config.stages=prune,finetune", "--config.init_dir=w/hydra_tscnc_99_s0"]
+    assert flags_of["tscnc_authors_90_s0"][-2:] == [
+        "--config.stages=prune", "--config.init_dir=w/tscnc_authors_99_s0"]
+    by_name = {r.name: r for r in runs}
+
+    def without_sparsity(run):
+        return [kv for kv in run.overrides if kv[0] != "prune.sparsity"]
+
+    for r in runs:  # a reused dense stage was trained with the same dense configuration
+        if r.dense_from is None:
+            continue
+        source = by_name[r.dense_from]
+        if r.config in study.SHARED_DENSE:
+            assert source.config in ("dense_trades", "dense_pgd_at"), r.name
+            assert dict(source.overrides)["seed"] == dict(r.overrides)["seed"], r.name
+        else:
+            assert source.config == r.config and source.dense_from is None, r.name
+            assert without_sparsity(source) == without_sparsity(r), r.name
     assert "--config.loss=pgd_at" in flags_of["pgd_at_hydra_tscnc_99_s0"]
     assert "--config.model.name=lenet5" in flags_of["lenet5_hydra_99_s0"]
 
@@ -48,14 +71,17 @@ def test_smoke_study_subset_runs_and_keeps_summaries(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.study", f"--workdir={tmp_path / 'runs'}",
-         f"--summaries={tmp_path / 'kept'}", "--variant=smoke", "--only=^hydra_tscnc_95_s0$"],
+         f"--summaries={tmp_path / 'kept'}", "--variant=smoke", "--only=^hydra_95_s0$"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dense = json.loads((tmp_path / "kept" / "dense_trades_s0" / "summary.json").read_text())
-    pruned = json.loads((tmp_path / "kept" / "hydra_tscnc_95_s0" / "summary.json").read_text())
+    pruned = json.loads((tmp_path / "kept" / "hydra_95_s0" / "summary.json").read_text())
     assert dense["sparsity"] == 0.0
     assert pruned["sparsity"] >= 0.95 and pruned["config"]["prune"]["sparsity"] == 0.95
+    # It pruned the shared dense model and trained no dense stage of its own.
     assert pruned["config"]["init_dir"].endswith("dense_trades_s0")
+    assert pruned["stages"] == ["prune", "finetune"]
+    assert not (tmp_path / "runs" / "hydra_95_s0" / "dense").exists()
     # Finite live-part condition numbers are reported next to the (possibly infinite) full ones.
     assert set(pruned["live_kappa"]) == set(pruned["kappa"])
     assert all(v >= 1.0 for v in pruned["live_kappa"].values())
