@@ -15,11 +15,15 @@ this priority order, each command skipping what earlier ones finished::
     S="--workdir=runs/study --summaries=docs/results/study --variant=short --set=progress=False"
     FIRST='^(dense_trades|lwm|hydra(_tsc|_cnc|_tscnc)?|tscnc_authors)(_99)?_s0$'
     python -m experiments.study $S --only="$FIRST"      # dense and every method at 99 %
-    python -m experiments.study $S --only='^(hydra|hydra_tscnc)_(90|95|99_5)_s0$'
     python -m experiments.study $S --only='^(hydra|hydra_tscnc)_99_s1$'
+    python -m experiments.study $S --only='^(hydra|hydra_tscnc|lwm)_(90|95|99_5)_s0$'
+    python -m experiments.study $S --only='_99_s[12]$'  # every method, three seeds at 99 %
     python -m experiments.study $S --only='^pgd_at_'
     python -m experiments.study $S --only='^lenet5_'
     python -m experiments.study $S     # the rest of the plan
+
+At this schedule a HYDRA or LWM run that prunes a shared dense model takes about 11 minutes
+here (7 of them evaluation), a run that trains its own (penalised) dense stage 18-25.
 
 Fashion-MNIST, small CNN, eps 0.1, TRADES (each config's full recipe unless ``--variant``):
 
