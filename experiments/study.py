@@ -22,8 +22,9 @@ this priority order, each command skipping what earlier ones finished::
     python -m experiments.study $S --only='^lenet5_'
     python -m experiments.study $S     # the rest of the plan
 
-At this schedule a HYDRA or LWM run that prunes a shared dense model takes about 11 minutes
-here (7 of them evaluation), a run that trains its own (penalised) dense stage 18-25.
+Measured at this schedule on the project's 2-core CPU: a HYDRA run that prunes a shared dense
+model 14.6 minutes (9 of them evaluation), a dense TRADES run 14-16, a run that trains its own
+dense stage 16 (authors' code) to 21-26 (CNC's SVDs in every dense step).
 
 Fashion-MNIST, small CNN, eps 0.1, TRADES (each config's full recipe unless ``--variant``):
 

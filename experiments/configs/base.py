@@ -255,8 +255,10 @@ def short(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     The full 55,000-image training split, dense 3 epochs, prune 1, fine-tune 1; PGD-20 and the
     fast ensemble on all 10,000 test images, the standard ensemble on the first 500 (with the
     fast ensemble's accuracy on the same 500 for the gap) and the local Lipschitz estimate on the
-    first 500. Measured on the project's 2-core CPU (2026-12-02, small CNN): 14 minutes for the
-    dense TRADES run, 16-18 minutes per HYDRA run (about 7 of them evaluation), 12.5 for LWM.
+    first 500. Measured on the project's 2-core CPU (2026-12-02, small CNN): 14-16 minutes for a
+    dense TRADES run, 14.6 for a HYDRA run from that dense model (``--config.stages=prune,finetune``
+    with ``init_dir``; 9 of them evaluation), 21-26 for HYDRA + CNC / TSCNC with their own
+    penalised dense stage, 16 for the authors'-code TSCNC.
     """
     c.dense.epochs = 3
     c.prune.epochs = 1
