@@ -49,6 +49,8 @@ A run that reuses a dense stage reads it from the named run, which comes earlier
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import pathlib
 import re
 
@@ -88,9 +90,16 @@ class Run:
         out = [f"--config.{k}={v}" for k, v in self.overrides]
         if self.dense_from is not None:
             # Without the dense stage in config.stages: a run that lists it trains its own.
-            stages = "prune" if self.config == AUTHORS else "prune,finetune"
-            out += [f"--config.stages={stages}", f"--config.init_dir={root / self.dense_from}"]
+            out += [f"--config.stages={_stages_after_dense(self.config)}",
+                    f"--config.init_dir={root / self.dense_from}"]
         return out
+
+
+@functools.cache
+def _stages_after_dense(config: str) -> str:
+    """The config's own stages without ``dense``, comma-joined for ``--config.stages``."""
+    stages = importlib.import_module(f"experiments.configs.{config}").get_config().stages
+    return ",".join(s for s in stages if s != "dense")
 
 
 def _pct(sparsity: float) -> str:
