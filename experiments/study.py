@@ -10,7 +10,7 @@
 ``--variant=short`` is the schedule the kept study in ``docs/results/study/`` ran on the
 project's 2-core CPU (all the training data, 3 + 1 + 1 epochs, the fast ensemble on the 10,000
 test images and the standard one on the first 500; ``experiments/configs/base.py:short``), in
-this priority order, each command skipping what earlier ones finished::
+this priority order, each command skipping what earlier ones finished or kept::
 
     S="--workdir=runs/study --summaries=docs/results/study --variant=short --set=progress=False"
     FIRST='^(dense_trades|lwm|hydra(_tsc|_cnc|_tscnc)?|tscnc_authors)(_99)?_s0$'
@@ -44,6 +44,11 @@ its own process and workdir through :func:`experiments.sweep.run_all`: a finishe
 does not stop the others, and each finished summary is copied to ``--summaries/<name>/`` at once.
 A run that reuses a dense stage reads it from the named run, which comes earlier in the plan
 (``Run.dense_from``), and leaves ``dense`` out of its ``config.stages``.
+
+With ``--summaries``, a selected run that already has a kept summary there is not run again
+(``--rerun_kept`` overrides), unless a run still to do reuses its dense stage: the kept summary
+has no checkpoints, so on a new machine that dense run trains again first. Training on XLA:CPU
+is deterministic, and a retrained ``dense_trades_s0`` reproduced every kept metric bitwise.
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ def _define_flags() -> None:
 
     flags.DEFINE_string("only", None, "Run only the planned runs whose name matches this regex.")
     flags.DEFINE_bool("list", False, "Print the plan (names, configs, overrides) and exit.")
+    flags.DEFINE_bool("rerun_kept", False, "Also run the selected runs that have a summary in "
+                      "--summaries (by default only the dense runs that others reuse rerun).")
 
 SPARSITIES = (0.99, 0.9, 0.95, 0.995)  # 99 % first: the row with several seeds
 SEEDS = (0, 1, 2)
@@ -143,25 +150,48 @@ def plan() -> list[Run]:
     return runs
 
 
-def select(runs: list[Run], pattern: str | None) -> list[Run]:
-    """The runs whose name matches ``pattern``, plus the dense runs they reuse (kept in order)."""
-    if pattern is None:
-        return runs
+def _with_dense_sources(runs: list[Run], names: set[str]) -> list[Run]:
+    """The runs named in ``names`` plus the runs whose dense stage they reuse, in plan order."""
     by_name = {r.name: r for r in runs}
-    keep = {r.name for r in runs if re.search(pattern, r.name)}
-    if not keep:
-        raise app.UsageError(f"--only={pattern!r} matches no planned run.")
-    for name in list(keep):
+    keep = set(names)
+    for name in names:
         while by_name[name].dense_from is not None:
             name = by_name[name].dense_from
             keep.add(name)
     return [r for r in runs if r.name in keep]
 
 
+def select(runs: list[Run], pattern: str | None) -> list[Run]:
+    """The runs whose name matches ``pattern``, plus the dense runs they reuse (kept in order)."""
+    if pattern is None:
+        return runs
+    keep = {r.name for r in runs if re.search(pattern, r.name)}
+    if not keep:
+        raise app.UsageError(f"--only={pattern!r} matches no planned run.")
+    return _with_dense_sources(runs, keep)
+
+
+def without_kept(runs: list[Run], kept: set[str]) -> list[Run]:
+    """Drops the runs that have a kept summary (``kept``: their names), except those whose dense
+    stage a remaining run reuses: a kept summary holds no checkpoints, so such a run trains
+    again (XLA:CPU training is deterministic: it reproduces the kept metrics)."""
+    return _with_dense_sources(runs, {r.name for r in runs if r.name not in kept})
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     runs = select(plan(), FLAGS.only)
+    if FLAGS.summaries and not FLAGS.rerun_kept:
+        kept = {p.parent.name for p in pathlib.Path(FLAGS.summaries).glob("*/summary.json")}
+        pending = without_kept(runs, kept)
+        skipped = [r.name for r in runs if r not in pending]
+        if skipped:
+            print(f"kept in {FLAGS.summaries}, not rerun (--rerun_kept reruns them): "
+                  f"{', '.join(skipped)}", flush=True)
+        runs = pending
+        if not runs:
+            return
     if FLAGS.list:
         for r in runs:
             print(r.name, r.config, " ".join(r.flags(pathlib.Path("<workdir>"))))

@@ -10,9 +10,11 @@ Each positional argument is a config name (``experiments/configs/<name>.py``) or
 ``python -m experiments.main`` in its own process and workdir (``<workdir>/<name>``) with the
 ``--set`` overrides as ``--config.<key>=<value>``. A run whose ``summary.json`` exists is skipped,
 a killed or failed run resumes from its checkpoints on the next invocation, and one run's failure
-does not stop the others. After each finished run its ``summary.json`` and ``results.md`` are
-copied to ``--summaries/<name>/``; at the end the comparison table of all finished runs is
-written to ``<workdir>/results.md`` (and ``--summaries``) and printed.
+does not stop the others. After each run finished by this invocation its ``summary.json`` and
+``results.md`` are copied to ``--summaries/<name>/`` (a skipped run's kept copy is left as it
+is, or made if missing). At the end the comparison table of the selected finished runs is
+written to ``<workdir>/results.md`` and printed, and ``--summaries/results.md`` gets one row per
+kept summary there, labelled by run name, so a sweep of a few runs does not drop the others.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import time
 
 from absl import app, flags
 
-from experiments import compare
+from experiments import compare, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Parent directory of the runs' workdirs.")
@@ -58,7 +60,8 @@ def run_all(runs: list[tuple[str, str, list[str]]], root: pathlib.Path,
     failed = []
     for name, config, extra in runs:
         workdir = root / name
-        if (workdir / "summary.json").exists():
+        skipped = (workdir / "summary.json").exists()
+        if skipped:
             print(f"{name}: finished earlier, skipped", flush=True)
         else:
             t0 = time.time()
@@ -70,16 +73,19 @@ def run_all(runs: list[tuple[str, str, list[str]]], root: pathlib.Path,
                 print(f"{name}: FAILED after {time.time() - t0:.0f} s", flush=True)
                 continue
             print(f"{name}: {time.time() - t0:.0f} s", flush=True)
-        if summaries:
-            keep = pathlib.Path(summaries) / name
+        keep = pathlib.Path(summaries) / name if summaries else None
+        if keep is not None and not (skipped and (keep / "summary.json").exists()):
             keep.mkdir(parents=True, exist_ok=True)
             for f in ("summary.json", "results.md"):
                 shutil.copy2(workdir / f, keep / f)
     done = [root / name for name, _, _ in runs if (root / name / "summary.json").exists()]
     if done:
         print(compare.compare(done, root))
-        if summaries:
-            shutil.copy2(root / "results.md", pathlib.Path(summaries) / "results.md")
+    if summaries:
+        kept = sorted(p.parent for p in pathlib.Path(summaries).glob("*/summary.json"))
+        if kept:
+            table = train.results_markdown(compare.load_summaries(kept), [d.name for d in kept])
+            (pathlib.Path(summaries) / "results.md").write_text(table)
     return failed
 
 

@@ -536,14 +536,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     return summary
 
 
-def results_markdown(summaries: list[dict]) -> str:
-    """A results table, one row per run summary."""
+def results_markdown(summaries: list[dict], names: list[str] | None = None) -> str:
+    """A results table, one row per run summary, labelled by ``names`` (default: each run's
+    config name)."""
     lines = ["| run | sparsity | clean | PGD | ensemble | median log10 kappa | max log10 kappa | "
              "max log10 live kappa | prod sigma_max |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for s in summaries:
+    if names is None:
+        names = [s["config"].get("name", "run") for s in summaries]
+    if len(names) != len(summaries):
+        raise ValueError(f"{len(names)} names for {len(summaries)} summaries.")
+    for s, name in zip(summaries, names, strict=True):
         pgd = next(v for k, v in s.items() if k.startswith("pgd") and k.endswith("_acc"))
-        name = s["config"].get("name", "run")
         # Summaries written before the live kappa existed have no such field.
         live = s.get("max_log10_live_kappa")
         live = "-" if live is None else f"{live:.2f}"

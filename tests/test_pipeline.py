@@ -289,9 +289,19 @@ def test_sweep_keeps_each_summary_and_skips_finished_runs(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     kept = json.loads((tmp_path / "kept" / "pgd" / "summary.json").read_text())
     assert kept["config"]["seed"] == 3 and kept["config"]["loss"] == "pgd_at"
-    assert "| dense_pgd_at |" in (tmp_path / "kept" / "results.md").read_text()
+    assert "| pgd | 0.00 % |" in (tmp_path / "kept" / "results.md").read_text()
+    # A skipped run leaves its kept copy alone, and the kept table lists every kept summary,
+    # not only this invocation's selection.
+    kept_path = tmp_path / "kept" / "pgd" / "summary.json"
+    kept_path.write_text(json.dumps({**kept, "wall_seconds": 12345.0}))
+    other = tmp_path / "kept" / "other"
+    other.mkdir()
+    (other / "summary.json").write_text(json.dumps({**kept, "sparsity": 0.5}))
     again = sweep("pgd=dense_pgd_at")
     assert again.returncode == 0 and "pgd: finished earlier, skipped" in again.stdout
+    assert json.loads(kept_path.read_text())["wall_seconds"] == 12345.0
+    table = (tmp_path / "kept" / "results.md").read_text()
+    assert "| other | 50.00 % |" in table and "| pgd | 0.00 % |" in table
 
 
 def _read_event_file(path):

@@ -66,14 +66,34 @@ def test_select_keeps_the_dense_runs_a_selection_needs():
         study.select(study.plan(), "no_such_run")
 
 
+def test_kept_runs_are_skipped_unless_a_pending_run_reuses_their_dense_stage():
+    runs = study.select(study.plan(), r"^(hydra|hydra_tscnc)_9[59]_s0$")
+    assert [r.name for r in runs] == ["dense_trades_s0", "hydra_99_s0", "hydra_tscnc_99_s0",
+                                      "hydra_95_s0", "hydra_tscnc_95_s0"]
+    kept = {"dense_trades_s0", "hydra_99_s0", "hydra_tscnc_99_s0", "hydra_tscnc_95_s0"}
+    # hydra_95_s0 still needs dense_trades_s0's checkpoints, which a kept summary lacks.
+    assert [r.name for r in study.without_kept(runs, kept)] == ["dense_trades_s0", "hydra_95_s0"]
+    assert [r.name for r in study.without_kept(runs, kept | {"hydra_95_s0"})] == []
+    assert study.without_kept(runs, set()) == runs
+
+
 @pytest.mark.slow
 def test_smoke_study_subset_runs_and_keeps_summaries(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.run(
-        [sys.executable, "-m", "experiments.study", f"--workdir={tmp_path / 'runs'}",
-         f"--summaries={tmp_path / 'kept'}", "--variant=smoke", "--only=^hydra_95_s0$"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+    def study_run(workdir):
+        return subprocess.run(
+            [sys.executable, "-m", "experiments.study", f"--workdir={workdir}",
+             f"--summaries={tmp_path / 'kept'}", "--variant=smoke", "--only=^hydra_95_s0$"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+    proc = study_run(tmp_path / "runs")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # As on a new machine (empty workdir): both runs are kept, so nothing trains again.
+    again = study_run(tmp_path / "elsewhere")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "not rerun" in again.stdout and "hydra_95_s0" in again.stdout
+    assert not (tmp_path / "elsewhere").exists()
     dense = json.loads((tmp_path / "kept" / "dense_trades_s0" / "summary.json").read_text())
     pruned = json.loads((tmp_path / "kept" / "hydra_95_s0" / "summary.json").read_text())
     assert dense["sparsity"] == 0.0
