@@ -186,9 +186,10 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     runs = select(plan(), FLAGS.only)
+    from experiments import sweep
+
     if FLAGS.summaries and not FLAGS.rerun_kept:
-        kept = {p.parent.name for p in pathlib.Path(FLAGS.summaries).glob("*/summary.json")}
-        pending = without_kept(runs, kept)
+        pending = without_kept(runs, {d.name for d in sweep.kept_runs(FLAGS.summaries)})
         skipped = [r.name for r in runs if r not in pending]
         if skipped:
             print(f"kept in {FLAGS.summaries}, not rerun (--rerun_kept reruns them): "
@@ -202,8 +203,6 @@ def main(argv):
         return
     if FLAGS.workdir is None:
         raise app.UsageError("--workdir is required (or --list).")
-    from experiments import sweep
-
     root = pathlib.Path(FLAGS.workdir)
     common = [f"--config.{kv}" for kv in FLAGS.set]
     specs = [(r.name, sweep.parse_run(r.config, FLAGS.variant)[1], r.flags(root) + common)

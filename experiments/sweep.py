@@ -52,6 +52,11 @@ def parse_run(arg: str, variant: str) -> tuple[str, str]:
     return name, f"{path}:{variant}" if variant else str(path)
 
 
+def kept_runs(summaries: str | pathlib.Path) -> list[pathlib.Path]:
+    """The directories under ``summaries`` that hold a kept ``summary.json``, sorted."""
+    return sorted(p.parent for p in pathlib.Path(summaries).glob("*/summary.json"))
+
+
 def run_all(runs: list[tuple[str, str, list[str]]], root: pathlib.Path,
             summaries: str | None) -> list[str]:
     """Runs ``(name, config, extra_flags)`` in order (see the module docstring); returns the
@@ -82,7 +87,7 @@ def run_all(runs: list[tuple[str, str, list[str]]], root: pathlib.Path,
     if done:
         print(compare.compare(done, root))
     if summaries:
-        kept = sorted(p.parent for p in pathlib.Path(summaries).glob("*/summary.json"))
+        kept = kept_runs(summaries)
         if kept:
             table = train.results_markdown(compare.load_summaries(kept), [d.name for d in kept])
             (pathlib.Path(summaries) / "results.md").write_text(table)

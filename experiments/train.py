@@ -544,8 +544,6 @@ def results_markdown(summaries: list[dict], names: list[str] | None = None) -> s
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     if names is None:
         names = [s["config"].get("name", "run") for s in summaries]
-    if len(names) != len(summaries):
-        raise ValueError(f"{len(names)} names for {len(summaries)} summaries.")
     for s, name in zip(summaries, names, strict=True):
         pgd = next(v for k, v in s.items() if k.startswith("pgd") and k.endswith("_acc"))
         # Summaries written before the live kappa existed have no such field.
