@@ -42,7 +42,11 @@ def main(argv):
     config = FLAGS.config
     config.stages = train.split_stages(config.stages)  # --config.stages=prune,finetune
     summary = train.train_and_evaluate(config, FLAGS.workdir)
-    print(train.results_markdown([summary]))
+    if config.eval.final:
+        print(train.results_markdown([summary]))
+    else:
+        print(f"Trained {','.join(summary['stages'])} to step {summary['trained_step']} in "
+              f"{FLAGS.workdir}; not evaluated (config.eval.final=False).")
 
 
 if __name__ == "__main__":

@@ -96,9 +96,14 @@ class Run:
     config: str  # a config name in experiments/configs/
     overrides: tuple[tuple[str, str], ...] = ()
     dense_from: str | None = None  # name of the run whose finished dense stage this one reuses
+    # Train only the dense stage, for the runs that reuse it: no evaluation, no summary (set by
+    # without_kept for a kept run whose checkpoints a pending run needs).
+    dense_only: bool = False
 
     def flags(self, root: pathlib.Path) -> list[str]:
         out = [f"--config.{k}={v}" for k, v in self.overrides]
+        if self.dense_only:
+            return [*out, "--config.stages=dense", "--config.eval.final=False"]
         if self.dense_from is not None:
             # Without the dense stage in config.stages: a run that lists it trains its own.
             out += [f"--config.stages={_stages_after_dense(self.config)}",
@@ -177,9 +182,11 @@ def select(runs: list[Run], pattern: str | None) -> list[Run]:
 
 def without_kept(runs: list[Run], kept: set[str]) -> list[Run]:
     """Drops the runs that have a kept summary (``kept``: their names), except those whose dense
-    stage a remaining run reuses: a kept summary holds no checkpoints, so such a run trains
-    again (see the module docstring on how closely a retrain reproduces the kept one)."""
-    return _with_dense_sources(runs, {r.name for r in runs if r.name not in kept})
+    stage a remaining run reuses: a kept summary holds no checkpoints, so such a run trains its
+    dense stage again, and only that (``dense_only``: no evaluation, its kept summary stays; see
+    the module docstring on how closely a retrain reproduces the kept one)."""
+    needed = _with_dense_sources(runs, {r.name for r in runs if r.name not in kept})
+    return [dataclasses.replace(r, dense_only=True) if r.name in kept else r for r in needed]
 
 
 def main(argv):
@@ -190,10 +197,14 @@ def main(argv):
 
     if FLAGS.summaries and not FLAGS.rerun_kept:
         pending = without_kept(runs, {d.name for d in sweep.kept_runs(FLAGS.summaries)})
-        skipped = [r.name for r in runs if r not in pending]
+        skipped = [r.name for r in runs if r.name not in {p.name for p in pending}]
         if skipped:
             print(f"kept in {FLAGS.summaries}, not rerun (--rerun_kept reruns them): "
                   f"{', '.join(skipped)}", flush=True)
+        dense_only = [r.name for r in pending if r.dense_only]
+        if dense_only:
+            print(f"kept, dense stage retrained for the runs that reuse it: "
+                  f"{', '.join(dense_only)}", flush=True)
         runs = pending
         if not runs:
             return
@@ -207,7 +218,8 @@ def main(argv):
     common = [f"--config.{kv}" for kv in FLAGS.set]
     specs = [(r.name, sweep.parse_run(r.config, FLAGS.variant)[1], r.flags(root) + common)
              for r in runs]
-    failed = sweep.run_all(specs, root, FLAGS.summaries)
+    failed = sweep.run_all(specs, root, FLAGS.summaries,
+                           train_only=frozenset(r.name for r in runs if r.dense_only))
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed: {', '.join(failed)} (rerun to resume).")
 

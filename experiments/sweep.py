@@ -58,14 +58,19 @@ def kept_runs(summaries: str | pathlib.Path) -> list[pathlib.Path]:
 
 
 def run_all(runs: list[tuple[str, str, list[str]]], root: pathlib.Path,
-            summaries: str | None) -> list[str]:
+            summaries: str | None, train_only: frozenset[str] = frozenset()) -> list[str]:
     """Runs ``(name, config, extra_flags)`` in order (see the module docstring); returns the
     names of the runs that failed. The comparison table of every finished run is written at the
-    end."""
+    end.
+
+    The runs named in ``train_only`` are trained for their checkpoints only (their flags say
+    ``--config.eval.final=False``): they write no summary, so they always start (a finished one
+    just loads its checkpoints) and nothing of theirs is kept.
+    """
     failed = []
     for name, config, extra in runs:
         workdir = root / name
-        skipped = (workdir / "summary.json").exists()
+        skipped = name not in train_only and (workdir / "summary.json").exists()
         if skipped:
             print(f"{name}: finished earlier, skipped", flush=True)
         else:
@@ -78,7 +83,7 @@ def run_all(runs: list[tuple[str, str, list[str]]], root: pathlib.Path,
                 print(f"{name}: FAILED after {time.time() - t0:.0f} s", flush=True)
                 continue
             print(f"{name}: {time.time() - t0:.0f} s", flush=True)
-        keep = pathlib.Path(summaries) / name if summaries else None
+        keep = pathlib.Path(summaries) / name if summaries and name not in train_only else None
         if keep is not None and not (skipped and (keep / "summary.json").exists()):
             keep.mkdir(parents=True, exist_ok=True)
             for f in ("summary.json", "results.md"):

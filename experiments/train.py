@@ -498,7 +498,11 @@ def final_evaluation(config, model, state: tj.TrainState, data, masks=None) -> d
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """Runs the pipeline of ``config`` in ``workdir`` (resuming) and returns the summary."""
+    """Runs the pipeline of ``config`` in ``workdir`` (resuming) and returns the summary.
+
+    With ``config.eval.final=False`` it only trains: no test-set evaluation, no ``summary.json``,
+    and the returned dict holds just ``config``, ``stages`` and ``trained_step``.
+    """
     _validate(config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -522,6 +526,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                ema_params=tj.apply_masks(params, masks), batch_stats=batch_stats)
         if "finetune" in stages:
             state = _finetune_stage(config, workdir, model, data, params, batch_stats, masks)
+    if not config.eval.final:
+        log.info("config.eval.final=False: trained %s to step %d, no evaluation or summary",
+                 ",".join(stages), int(state.step))
+        return {"config": config.to_dict(), "stages": list(stages),
+                "trained_step": int(state.step)}
     summary = {"config": config.to_dict(), "stages": list(stages),
                "evaluated_step": int(state.step)}
     summary.update(final_evaluation(config, model, state, data, masks))

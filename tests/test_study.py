@@ -71,8 +71,20 @@ def test_kept_runs_are_skipped_unless_a_pending_run_reuses_their_dense_stage():
     assert [r.name for r in runs] == ["dense_trades_s0", "hydra_99_s0", "hydra_tscnc_99_s0",
                                       "hydra_95_s0", "hydra_tscnc_95_s0"]
     kept = {"dense_trades_s0", "hydra_99_s0", "hydra_tscnc_99_s0", "hydra_tscnc_95_s0"}
-    # hydra_95_s0 still needs dense_trades_s0's checkpoints, which a kept summary lacks.
-    assert [r.name for r in study.without_kept(runs, kept)] == ["dense_trades_s0", "hydra_95_s0"]
+    # hydra_95_s0 still needs dense_trades_s0's checkpoints, which a kept summary lacks: that
+    # run trains its dense stage again, only that, without an evaluation or a summary.
+    pending = study.without_kept(runs, kept)
+    assert [(r.name, r.dense_only) for r in pending] == [("dense_trades_s0", True),
+                                                         ("hydra_95_s0", False)]
+    assert pending[0].flags(pathlib.Path("w")) == [
+        "--config.seed=0", "--config.stages=dense", "--config.eval.final=False"]
+    # A penalised method's kept first run retrains just its (penalised) dense stage.
+    tscnc = study.without_kept(study.select(study.plan(), r"^hydra_tscnc_90_s0$"),
+                               {"hydra_tscnc_99_s0"})
+    assert [(r.name, r.dense_only) for r in tscnc] == [("hydra_tscnc_99_s0", True),
+                                                       ("hydra_tscnc_90_s0", False)]
+    assert tscnc[0].flags(pathlib.Path("w"))[-2:] == ["--config.stages=dense",
+                                                      "--config.eval.final=False"]
     assert [r.name for r in study.without_kept(runs, kept | {"hydra_95_s0"})] == []
     assert study.without_kept(runs, set()) == runs
 
@@ -81,19 +93,30 @@ def test_kept_runs_are_skipped_unless_a_pending_run_reuses_their_dense_stage():
 def test_smoke_study_subset_runs_and_keeps_summaries(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
 
-    def study_run(workdir):
+    def study_run(workdir, only="^hydra_95_s0$"):
         return subprocess.run(
             [sys.executable, "-m", "experiments.study", f"--workdir={workdir}",
-             f"--summaries={tmp_path / 'kept'}", "--variant=smoke", "--only=^hydra_95_s0$"],
+             f"--summaries={tmp_path / 'kept'}", "--variant=smoke", f"--only={only}"],
             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
     proc = study_run(tmp_path / "runs")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    kept_dense = (tmp_path / "kept" / "dense_trades_s0" / "summary.json").read_bytes()
     # As on a new machine (empty workdir): both runs are kept, so nothing trains again.
     again = study_run(tmp_path / "elsewhere")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "not rerun" in again.stdout and "hydra_95_s0" in again.stdout
     assert not (tmp_path / "elsewhere").exists()
+    # A new run on a new machine: the kept dense run trains its dense stage again for it, with
+    # no evaluation, and its kept summary stays as it was.
+    new = study_run(tmp_path / "new", only="^hydra_(90|95)_s0$")
+    assert new.returncode == 0, new.stderr[-3000:]
+    assert "dense stage retrained for the runs that reuse it: dense_trades_s0" in new.stdout
+    assert (tmp_path / "new" / "dense_trades_s0" / "dense" / "final").is_dir()
+    assert not (tmp_path / "new" / "dense_trades_s0" / "summary.json").exists()
+    assert not (tmp_path / "new" / "hydra_95_s0").exists()
+    assert (tmp_path / "kept" / "dense_trades_s0" / "summary.json").read_bytes() == kept_dense
+    assert (tmp_path / "kept" / "hydra_90_s0" / "summary.json").exists()
     dense = json.loads((tmp_path / "kept" / "dense_trades_s0" / "summary.json").read_text())
     pruned = json.loads((tmp_path / "kept" / "hydra_95_s0" / "summary.json").read_text())
     assert dense["sparsity"] == 0.0

@@ -157,6 +157,9 @@ def get_base_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.eval.num_lipschitz = 1000
     c.eval.lipschitz_steps = 20
     c.eval.checkpoint = "final"  # final | best (best validation robust accuracy of the last stage)
+    # False: train the stages and stop, without the test-set evaluation or a summary (a run
+    # retrained only for the checkpoints other runs start from; see experiments.study).
+    c.eval.final = True
 
     c.log_every = 50
     c.progress = True
