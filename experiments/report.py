@@ -8,6 +8,9 @@ figures: ``kappa_vs_sparsity.png`` (median log10 condition number of the live pa
 kernels, per method), ``robust_vs_sparsity.png`` (ensemble robust accuracy per method),
 ``lipschitz_vs_sparsity.png`` (log10 of the product of the kernels' largest singular values) and
 ``robust_vs_kappa.png`` (ensemble robust accuracy against median log10 live kappa, every run).
+Correlations are reported per model and training loss and over every run; the last table
+checks that each pruned run started from the same dense model as the kept run it names in
+``init_dir`` (a dense model retrained on another kind of CPU is not bitwise the same).
 A run is described by its config: method (``config.name``), model, loss, target sparsity (0 for
 a dense run), seed. Missing runs are simply absent: the report of a partly finished study is
 the report of its finished runs.
@@ -58,6 +61,11 @@ class Record:
     fast_on_standard_subset: float = math.nan
     num_standard: int = 0
     live_kappa: tuple[tuple[str, float], ...] = ()  # per kernel, in the summary's order
+    # The run whose finished dense stage this one pruned (config.init_dir's last part; "" when
+    # it trained its own), and the per-kernel kappa of the dense model it started from: the
+    # pruned run's "dense_kappa", or a dense-only run's own "kappa".
+    dense_from: str = ""
+    dense_kappa: tuple[tuple[str, float], ...] = ()
 
     @property
     def group(self) -> tuple[str, str, str]:
@@ -66,7 +74,9 @@ class Record:
 
 def _record(run: str, s: dict) -> Record:
     c = s["config"]
-    pruned = "prune" in s.get("stages", []) or "finetune" in s.get("stages", [])
+    stages = s.get("stages", [])
+    pruned = "prune" in stages or "finetune" in stages
+    dense_kappa = s.get("dense_kappa") if pruned else s.get("kappa")
     pgd = next(v for k, v in s.items() if k.startswith("pgd") and k.endswith("_acc"))
     live = s.get("median_log10_live_kappa", s["median_log10_kappa"])
     return Record(run=run, method=c["name"], model=c["model"]["name"], loss=c["loss"],
@@ -81,7 +91,10 @@ def _record(run: str, s: dict) -> Record:
                   fast_on_standard_subset=float(
                       s.get("fast_ensemble_acc_on_standard_subset", math.nan)),
                   num_standard=int(s.get("num_standard", 0)),
-                  live_kappa=tuple((k, float(v)) for k, v in s.get("live_kappa", {}).items()))
+                  live_kappa=tuple((k, float(v)) for k, v in s.get("live_kappa", {}).items()),
+                  dense_from=(pathlib.PurePath(c["init_dir"]).name
+                              if c.get("init_dir") and "dense" not in stages else ""),
+                  dense_kappa=tuple((k, float(v)) for k, v in (dense_kappa or {}).items()))
 
 
 def load(summaries: str | pathlib.Path) -> list[Record]:
@@ -133,6 +146,39 @@ def correlations(records: list[Record], predictor: str, target: str = "ensemble"
         return {"n": int(len(x)), "pearson": math.nan, "spearman": math.nan}
     return {"n": int(len(x)), "pearson": float(np.corrcoef(x, y)[0, 1]),
             "spearman": float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])}
+
+
+def settings(records: list[Record]) -> list[tuple[str, list[Record]]]:
+    """The runs to correlate over: each (model, loss) with at least 3 runs, and, when there is
+    more than one, every run together (which mixes architectures and training losses)."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[(r.model, r.loss)].append(r)
+    out = [(f"{model}, {loss}", rs) for (model, loss), rs in sorted(groups.items())
+           if len(rs) >= 3]
+    if len(groups) > 1:
+        out.append(("every run", records))
+    return out
+
+
+def dense_reproduction(records: list[Record]) -> list[dict]:
+    """For each run that pruned another run's dense stage (``init_dir``) whose summary is kept:
+    how far the dense model it pruned is from the kept one, as the largest difference over
+    kernels of log10 kappa (0: every kernel's kappa equal to the last digit, the same weights in
+    practice). Dense models are retrained when their checkpoints are not on the machine, and
+    XLA:CPU training is bitwise reproducible only on the same kind of CPU."""
+    by_run = {r.run: r for r in records}
+    out = []
+    for r in records:
+        source = by_run.get(r.dense_from)
+        if source is None or not r.dense_kappa or not source.dense_kappa:
+            continue
+        kept, got = dict(source.dense_kappa), dict(r.dense_kappa)
+        if set(kept) != set(got):
+            continue
+        diff = max(abs(math.log10(got[k]) - math.log10(kept[k])) for k in kept)
+        out.append({"run": r.run, "source": source.run, "max_abs_log10_kappa_diff": diff})
+    return out
 
 
 def paired_differences(records: list[Record], baseline: str = "hydra") -> list[dict]:
@@ -223,16 +269,20 @@ def tables(records: list[Record]) -> str:
                 f"{', '.join(map(str, row['seeds']))} | {_pm(row, 'clean')} | "
                 f"{_pm(row, 'ensemble')} |")
     lines += ["", "## Which quantity predicts ensemble robust accuracy", "",
-              "Over all runs, sparsity drives both the predictor and the accuracy; the runs at "
-              "one target sparsity (99 %) compare methods with sparsity held fixed.", "",
-              "| predictor | runs | Pearson r | Spearman rho |"
+              "Per model and training loss (a setting with at least 3 runs), and over every run "
+              "when there are several settings. Over all of a setting's runs, sparsity drives "
+              "both the predictor and the accuracy; its runs at one target sparsity (99 %) "
+              "compare methods with sparsity held fixed.", "",
+              "| setting | predictor | runs | Pearson r | Spearman rho |"
               " runs at 99 % | Pearson r at 99 % | Spearman rho at 99 % |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
-    at99 = [r for r in records if r.target == 0.99]
-    for f, label in PREDICTORS.items():
-        c, c99 = correlations(records, f), correlations(at99, f)
-        lines.append(f"| {label} | {c['n']} | {c['pearson']:.3f} | {c['spearman']:.3f} | "
-                     f"{c99['n']} | {c99['pearson']:.3f} | {c99['spearman']:.3f} |")
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for setting, rs in settings(records):
+        at99 = [r for r in rs if r.target == 0.99]
+        for f, label in PREDICTORS.items():
+            c, c99 = correlations(rs, f), correlations(at99, f)
+            lines.append(f"| {setting} | {label} | {c['n']} | {c['pearson']:.3f} | "
+                         f"{c['spearman']:.3f} | {c99['n']} | {c99['pearson']:.3f} | "
+                         f"{c99['spearman']:.3f} |")
     gaps = np.array([r.fast_on_standard_subset - r.standard for r in records
                      if r.num_standard], np.float64)
     if gaps.size:
@@ -242,6 +292,18 @@ def tables(records: list[Record]) -> str:
                   f"{100 * gaps.mean():.2f} points, largest {100 * gaps.max():.2f}, smallest "
                   f"{100 * gaps.min():.2f} (positive: the standard ensemble is stronger)."]
     lines += _layer_table(records)
+    repro = dense_reproduction(records)
+    if repro:
+        lines += ["", "## The dense model each pruned run started from", "",
+                  "A run that prunes another run's dense stage on a machine without that run's "
+                  "checkpoints prunes a retrained copy, the same model only on the same kind of "
+                  "CPU. Largest per-kernel difference of log10 kappa between the dense model the "
+                  "run pruned and the kept run's (0: equal to the last digit, the same model).",
+                  "",
+                  "| run | dense model of | max abs difference of log10 kappa |",
+                  "|---|---|---:|"]
+        lines += [f"| {d['run']} | {d['source']} | {d['max_abs_log10_kappa_diff']:.2e} |"
+                  for d in repro]
     return "\n".join(lines) + "\n"
 
 
@@ -302,9 +364,12 @@ def figures(records: list[Record], out: pathlib.Path) -> list[pathlib.Path]:
     for key, rs in sorted(groups.items()):
         ax.plot([r.log10_live_kappa for r in rs], [100 * r.ensemble for r in rs], "o",
                 label=_label(key))
-    c = correlations(records, "log10_live_kappa")
-    ax.set_title(f"Pearson r = {c['pearson']:.2f}, Spearman rho = {c['spearman']:.2f} "
-                 f"({c['n']} runs)", fontsize=9)
+    # The correlation of the setting with the most runs (correlating across architectures and
+    # losses mixes unrelated scales).
+    setting, rs = max(settings(records) or [("every run", records)], key=lambda x: len(x[1]))
+    c = correlations(rs, "log10_live_kappa")
+    ax.set_title(f"{setting}: Pearson r = {c['pearson']:.2f}, Spearman rho = "
+                 f"{c['spearman']:.2f} ({c['n']} runs)", fontsize=9)
     ax.set_xlabel("median log10 live kappa")
     ax.set_ylabel("ensemble robust accuracy (%)")
     ax.grid(alpha=0.3)

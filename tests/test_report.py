@@ -9,9 +9,10 @@ import pytest
 from experiments import report
 
 
-def _summary(method, target, seed, ensemble, live, bound, stages=("dense", "prune", "finetune")):
+def _summary(method, target, seed, ensemble, live, bound, stages=("dense", "prune", "finetune"),
+             model="small_cnn"):
     return {
-        "config": {"name": method, "model": {"name": "small_cnn"}, "loss": "trades",
+        "config": {"name": method, "model": {"name": model}, "loss": "trades",
                    "prune": {"sparsity": target}, "seed": seed},
         "stages": list(stages), "sparsity": target, "clean_acc": ensemble + 0.2,
         "pgd20_acc": ensemble + 0.05, "ensemble_acc": ensemble,
@@ -98,3 +99,54 @@ def test_paired_differences_match_seed_by_seed(kept, tmp_path):
     np.testing.assert_allclose(one["ensemble"], 0.06, rtol=1e-12)
     text = report.report(kept, tmp_path / "out")
     assert "| small_cnn | trades | hydra_tscnc | 99.00 | 0, 1 | 5.00 ± 1.41 | 5.00 ± 1.41 |" in text
+
+
+def _write(root, name, summary):
+    (root / name).mkdir(parents=True)
+    (root / name / "summary.json").write_text(json.dumps(summary))
+
+
+def test_correlations_per_setting_and_over_every_run(kept, tmp_path):
+    records = report.load(kept)
+    assert [name for name, _ in report.settings(records)] == ["small_cnn, trades"]
+    lenet = [("dense_trades", 0.0, 0, 0.50, 0.4, 30.0, ("dense",)),
+             ("hydra", 0.99, 0, 0.10, 1.5, 5.0), ("hydra_tscnc", 0.99, 0, 0.12, 1.4, 5.5)]
+    for i, (method, target, seed, ens, live, bound, *stages) in enumerate(lenet):
+        _write(kept, f"lenet{i}", _summary(method, target, seed, ens, live, bound, *stages,
+                                           model="lenet5"))
+    _write(kept, "mlp0", _summary("hydra", 0.99, 0, 0.3, 1.0, 3.0, model="mlp"))  # 1 run only
+    records = report.load(kept)
+    groups = dict(report.settings(records))
+    assert list(groups) == ["lenet5, trades", "small_cnn, trades", "every run"]
+    assert len(groups["lenet5, trades"]) == 3 and len(groups["every run"]) == 10
+    text = report.report(kept, tmp_path / "out")
+    c = report.correlations(groups["lenet5, trades"], "log10_live_kappa")
+    assert (f"| lenet5, trades | median log10 live kappa | 3 | {c['pearson']:.3f} | "
+            f"{c['spearman']:.3f} | 2 |") in text
+    assert "| mlp, trades |" not in text and "| every run | median log10 live kappa | 10 |" in text
+
+
+def test_dense_reproduction_compares_the_pruned_dense_model_with_the_kept_one(tmp_path):
+    root = tmp_path / "kept"
+    dense = _summary("dense_trades", 0.0, 0, 0.55, 0.5, 40.0, ("dense",))
+    dense["kappa"] = {"Conv_0/kernel": 3.0, "Dense_0/kernel": 5.0}
+    _write(root, "dense_trades_s0", dense)
+    same = _summary("hydra", 0.99, 0, 0.2, 1.0, 9.0, ("prune", "finetune"))
+    same["config"]["init_dir"] = "runs/study/dense_trades_s0"
+    same["dense_kappa"] = dict(dense["kappa"])
+    _write(root, "hydra_99_s0", same)
+    other = _summary("lwm", 0.99, 0, 0.1, 1.0, 9.0, ("prune", "finetune"))
+    other["config"]["init_dir"] = "/elsewhere/dense_trades_s0"
+    other["dense_kappa"] = {"Conv_0/kernel": 3.0, "Dense_0/kernel": 5.0 * 10 ** 0.002}
+    _write(root, "lwm_99_s0", other)
+    # A run that trained its own dense stage has nothing to compare (init_dir is ignored).
+    own = _summary("hydra_tscnc", 0.99, 0, 0.2, 1.0, 9.0)
+    own["config"]["init_dir"] = "runs/study/dense_trades_s0"
+    own["dense_kappa"] = {"Conv_0/kernel": 2.0, "Dense_0/kernel": 4.0}
+    _write(root, "hydra_tscnc_99_s0", own)
+    rows = {d["run"]: d for d in report.dense_reproduction(report.load(root))}
+    assert set(rows) == {"hydra_99_s0", "lwm_99_s0"}
+    assert rows["hydra_99_s0"]["max_abs_log10_kappa_diff"] == 0.0
+    np.testing.assert_allclose(rows["lwm_99_s0"]["max_abs_log10_kappa_diff"], 0.002, rtol=1e-9)
+    text = report.report(root, tmp_path / "out")
+    assert "| lwm_99_s0 | dense_trades_s0 | 2.00e-03 |" in text
