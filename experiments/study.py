@@ -47,12 +47,22 @@ A run that reuses a dense stage reads it from the named run, which comes earlier
 
 With ``--summaries``, a selected run that already has a kept summary there is not run again
 (``--rerun_kept`` overrides), unless a run still to do reuses its dense stage: the kept summary
-has no checkpoints, so on a new machine that dense run trains again first and its new summary
-replaces the kept one. XLA:CPU training is deterministic on one kind of CPU, but not across
-kinds: ``dense_trades_s0`` retrained on a second machine reproduced every kept metric bitwise,
-``dense_trades_s1`` retrained on a third (an AMD EPYC without AVX-512) came out 0.05 points
-lower clean and 0.23 lower in robust accuracy, so runs that prune a retrained dense model start
-from a slightly different one than runs kept before.
+has no checkpoints, so on a new machine that run trains its dense stage again first, and only
+that (``--config.stages=dense --config.eval.final=False``: no pruning, no evaluation, and its
+kept summary stays as it is). XLA:CPU training is deterministic on one kind of CPU, but not
+across kinds: ``dense_trades_s0`` retrained on a second machine reproduced every kept metric
+bitwise, ``dense_trades_s1`` retrained on a third (an AMD EPYC without AVX-512) came out 0.05
+points lower clean and 0.23 lower in robust accuracy, so runs that prune a retrained dense model
+start from a slightly different one than runs kept before. ``experiments.report`` checks this
+per run (its last table: the pruned run's ``dense_kappa`` against the kept source's).
+
+On a 2-core CPU, two invocations whose selections share no dense run can run side by side,
+each pinned to one core (``taskset -c 0 python -m experiments.study $S --only=...`` and
+``taskset -c 1 ...``). Measured with ``benchmarks.train_step`` (small CNN, batch 128, 2-core
+AMD EPYC with AVX-512, 2026-12-02): a TRADES-10 step took 227 ms on both cores and 417 / 442 ms
+in two pinned processes side by side (4.7 steps/s together against 4.4); with TSCNC, whose
+SVDs do not use the second core, 313 ms against 416 / 414 ms (4.8 steps/s against 3.2). Their
+``--summaries`` must be the same directory; each writes its table there when it ends.
 """
 
 from __future__ import annotations
