@@ -36,7 +36,8 @@ Fashion-MNIST, small CNN, eps 0.1, TRADES (each config's full recipe unless ``--
    from its 99 % run);
 3. seeds 1 and 2: a dense model each and every method at 99 %;
 4. PGD-AT for one setting: dense, HYDRA and HYDRA + TSCNC at 99 % (seed 0);
-5. a second architecture, LeNet-5: dense, HYDRA and HYDRA + TSCNC at 99 % (seed 0).
+5. a second architecture, LeNet-5: dense, HYDRA and HYDRA + TSCNC at 99 % (seeds 0 and 1),
+   then at 90 and 95 % (seed 0).
 
 The order makes a partly finished study informative early. Every run is ``experiments.main`` in
 its own process and workdir through :func:`experiments.sweep.run_all`: a finished run
@@ -98,6 +99,7 @@ SHARED_DENSE = ("lwm", "hydra")
 OWN_DENSE = ("hydra_tsc", "hydra_cnc", "hydra_tscnc")
 AUTHORS = "tscnc_authors"  # own dense stage too (a gated network), then HYDRA, no fine-tuning
 METHODS = (*SHARED_DENSE, *OWN_DENSE, AUTHORS)
+LENET_METHODS = ("hydra", "hydra_tscnc")  # the second architecture: the baseline and TSCNC
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,9 +165,18 @@ def plan() -> list[Run]:
     runs += [_pruned(m, 0.99, 0, "pgd_at_dense_s0" if m in SHARED_DENSE else None, pgd_at,
                      prefix="pgd_at_") for m in ("hydra", "hydra_tscnc")]
     lenet = (("model.name", "lenet5"),)
-    runs.append(Run("lenet5_dense_s0", "dense_trades", (("seed", "0"), *lenet)))
-    runs += [_pruned(m, 0.99, 0, "lenet5_dense_s0" if m in SHARED_DENSE else None, lenet,
-                     prefix="lenet5_") for m in ("hydra", "hydra_tscnc")]
+
+    def lenet_run(method, sparsity, seed):  # HYDRA prunes the seed's dense LeNet-5
+        if method in SHARED_DENSE:
+            dense = f"lenet5_dense_s{seed}"
+        else:  # the penalised dense stage of the method's 99 % run
+            dense = None if sparsity == 0.99 else f"lenet5_{method}_99_s{seed}"
+        return _pruned(method, sparsity, seed, dense, lenet, prefix="lenet5_")
+
+    for seed in (0, 1):
+        runs.append(Run(f"lenet5_dense_s{seed}", "dense_trades", (("seed", str(seed)), *lenet)))
+        runs += [lenet_run(m, 0.99, seed) for m in LENET_METHODS]
+    runs += [lenet_run(m, sp, 0) for sp in (0.9, 0.95) for m in LENET_METHODS]
     return runs
 
 

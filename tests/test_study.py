@@ -57,6 +57,13 @@ def test_plan_covers_the_study_and_orders_dense_runs_first():
             assert without_sparsity(source) == without_sparsity(r), r.name
     assert "--config.loss=pgd_at" in flags_of["pgd_at_hydra_tscnc_99_s0"]
     assert "--config.model.name=lenet5" in flags_of["lenet5_hydra_99_s0"]
+    for sp in ("90", "95", "99"):  # LeNet-5: HYDRA and TSCNC over sparsity, two seeds at 99 %
+        for m in study.LENET_METHODS:
+            assert f"lenet5_{m}_{sp}_s0" in position
+    assert {"lenet5_hydra_99_s1", "lenet5_hydra_tscnc_99_s1"} <= set(position)
+    tscnc_95 = flags_of["lenet5_hydra_tscnc_95_s0"]
+    assert tscnc_95[-1] == "--config.init_dir=w/lenet5_hydra_tscnc_99_s0"
+    assert flags_of["lenet5_hydra_95_s0"][-1] == "--config.init_dir=w/lenet5_dense_s0"
 
 
 def test_select_keeps_the_dense_runs_a_selection_needs():
