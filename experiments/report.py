@@ -148,14 +148,15 @@ def correlations(records: list[Record], predictor: str, target: str = "ensemble"
             "spearman": float(np.corrcoef(_ranks(x), _ranks(y))[0, 1])}
 
 
-def settings(records: list[Record]) -> list[tuple[str, list[Record]]]:
-    """The runs to correlate over: each (model, loss) with at least 3 runs, and, when there is
-    more than one, every run together (which mixes architectures and training losses)."""
+def settings(records: list[Record], min_runs: int = 5) -> list[tuple[str, list[Record]]]:
+    """The runs to correlate over: each (model, loss) with at least ``min_runs`` runs (a
+    correlation over fewer says nothing), and, when there is more than one (model, loss), every
+    run together (which mixes architectures and training losses)."""
     groups = defaultdict(list)
     for r in records:
         groups[(r.model, r.loss)].append(r)
     out = [(f"{model}, {loss}", rs) for (model, loss), rs in sorted(groups.items())
-           if len(rs) >= 3]
+           if len(rs) >= min_runs]
     if len(groups) > 1:
         out.append(("every run", records))
     return out
@@ -269,7 +270,7 @@ def tables(records: list[Record]) -> str:
                 f"{', '.join(map(str, row['seeds']))} | {_pm(row, 'clean')} | "
                 f"{_pm(row, 'ensemble')} |")
     lines += ["", "## Which quantity predicts ensemble robust accuracy", "",
-              "Per model and training loss (a setting with at least 3 runs), and over every run "
+              "Per model and training loss (a setting with at least 5 runs), and over every run "
               "when there are several settings. Over all of a setting's runs, sparsity drives "
               "both the predictor and the accuracy; its runs at one target sparsity (99 %) "
               "compare methods with sparsity held fixed.", "",

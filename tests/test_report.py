@@ -110,20 +110,22 @@ def test_correlations_per_setting_and_over_every_run(kept, tmp_path):
     records = report.load(kept)
     assert [name for name, _ in report.settings(records)] == ["small_cnn, trades"]
     lenet = [("dense_trades", 0.0, 0, 0.50, 0.4, 30.0, ("dense",)),
-             ("hydra", 0.99, 0, 0.10, 1.5, 5.0), ("hydra_tscnc", 0.99, 0, 0.12, 1.4, 5.5)]
+             ("hydra", 0.99, 0, 0.10, 1.5, 5.0), ("hydra_tscnc", 0.99, 0, 0.12, 1.4, 5.5),
+             ("hydra", 0.9, 0, 0.45, 0.6, 20.0), ("hydra", 0.95, 0, 0.40, 0.8, 12.0)]
     for i, (method, target, seed, ens, live, bound, *stages) in enumerate(lenet):
         _write(kept, f"lenet{i}", _summary(method, target, seed, ens, live, bound, *stages,
                                            model="lenet5"))
-    _write(kept, "mlp0", _summary("hydra", 0.99, 0, 0.3, 1.0, 3.0, model="mlp"))  # 1 run only
+    for i in range(4):  # too few runs to correlate over on their own
+        _write(kept, f"mlp{i}", _summary("hydra", 0.9 + 0.02 * i, 0, 0.3, 1.0, 3.0, model="mlp"))
     records = report.load(kept)
     groups = dict(report.settings(records))
     assert list(groups) == ["lenet5, trades", "small_cnn, trades", "every run"]
-    assert len(groups["lenet5, trades"]) == 3 and len(groups["every run"]) == 10
+    assert len(groups["lenet5, trades"]) == 5 and len(groups["every run"]) == 15
     text = report.report(kept, tmp_path / "out")
     c = report.correlations(groups["lenet5, trades"], "log10_live_kappa")
-    assert (f"| lenet5, trades | median log10 live kappa | 3 | {c['pearson']:.3f} | "
+    assert (f"| lenet5, trades | median log10 live kappa | 5 | {c['pearson']:.3f} | "
             f"{c['spearman']:.3f} | 2 |") in text
-    assert "| mlp, trades |" not in text and "| every run | median log10 live kappa | 10 |" in text
+    assert "| mlp, trades |" not in text and "| every run | median log10 live kappa | 15 |" in text
 
 
 def test_dense_reproduction_compares_the_pruned_dense_model_with_the_kept_one(tmp_path):
