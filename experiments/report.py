@@ -1,6 +1,7 @@
 """Tables, figures and correlations of the reproduction study, from its kept run summaries.
 
-    python -m experiments.report --summaries=docs/results/study --out=docs/results/study
+    python -m experiments.report --summaries=docs/results/study --out=docs/results/study \
+        --splice=docs/results.md
 
 Reads every ``<summaries>/<run>/summary.json`` (what :mod:`experiments.study` keeps) and writes
 ``<out>/study_tables.md`` (one row per run; mean and spread over seeds; correlations) and three
@@ -11,6 +12,8 @@ kernels, per method), ``robust_vs_sparsity.png`` (ensemble robust accuracy per m
 Correlations are reported per model and training loss and over every run; the last table
 checks that each pruned run started from the same dense model as the kept run it names in
 ``init_dir`` (a dense model retrained on another kind of CPU is not bitwise the same).
+``--splice=docs/results.md`` also puts the tables into the study's write-up, between its
+``<!-- report:tables:begin -->`` and ``<!-- report:tables:end -->`` markers.
 A run is described by its config: method (``config.name``), model, loss, target sparsity (0 for
 a dense run), seed. Missing runs are simply absent: the report of a partly finished study is
 the report of its finished runs.
@@ -30,12 +33,20 @@ from matplotlib.figure import Figure
 
 FLAGS = flags.FLAGS
 
+# The generated block of a hand-written document (``--splice``): everything between the two
+# markers is the report's, everything outside them the author's.
+BEGIN = "<!-- report:tables:begin -->"
+END = "<!-- report:tables:end -->"
+
 
 def _define_flags() -> None:
     # Defined when run as a program only: importing the module (tests, notebooks) must not
     # register flags that other entry points (experiments.compare, sweep) also define.
     flags.DEFINE_string("summaries", None, "Directory holding <run>/summary.json.")
     flags.DEFINE_string("out", None, "Directory for study_tables.md and the figures.")
+    flags.DEFINE_string(
+        "splice", None, "A Markdown document (docs/results.md) whose block between "
+        f"{BEGIN!r} and {END!r} is replaced by the tables, headings one level down.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -396,12 +407,45 @@ def report(summaries: str | pathlib.Path, out: str | pathlib.Path) -> str:
     return text
 
 
+def splice(document: str, tables_text: str) -> str:
+    """Replaces the block between ``BEGIN`` and ``END`` in ``document`` with the tables.
+
+    The tables go in from their first ``## `` section on (the page title and preamble of
+    ``study_tables.md`` stay out), each heading one level deeper, so that they sit under a
+    section of the host document. Splicing the same tables twice changes nothing.
+    """
+    if document.count(BEGIN) != 1 or document.count(END) != 1:
+        raise ValueError(f"the document must hold {BEGIN!r} and {END!r} once each; it has "
+                         f"{document.count(BEGIN)} and {document.count(END)}")
+    head, rest = document.split(BEGIN)
+    if END not in rest:
+        raise ValueError(f"{END!r} comes before {BEGIN!r}")
+    _, tail = rest.split(END)
+    start = tables_text.find("\n## ")
+    if start < 0:
+        raise ValueError("the tables have no '## ' section to splice")
+    body = "\n".join("#" + line if line.startswith("#") else line
+                      for line in tables_text[start + 1:].rstrip("\n").split("\n"))
+    return f"{head}{BEGIN}\n\n{body}\n\n{END}{tail}"
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS.summaries or not FLAGS.out:
         raise app.UsageError("--summaries and --out are required.")
-    print(report(FLAGS.summaries, FLAGS.out))
+    text = report(FLAGS.summaries, FLAGS.out)
+    print(text)
+    if FLAGS.splice:
+        path = pathlib.Path(FLAGS.splice)
+        try:
+            spliced = splice(path.read_text(), text)
+        except ValueError as e:
+            raise app.UsageError(f"--splice={path}: {e}") from None
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(spliced)
+        tmp.replace(path)  # atomic: a failed write leaves the document as it was
+        print(f"tables spliced into {path}")
 
 
 if __name__ == "__main__":

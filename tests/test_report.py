@@ -152,3 +152,28 @@ def test_dense_reproduction_compares_the_pruned_dense_model_with_the_kept_one(tm
     np.testing.assert_allclose(rows["lwm_99_s0"]["max_abs_log10_kappa_diff"], 0.002, rtol=1e-9)
     text = report.report(root, tmp_path / "out")
     assert "| lwm_99_s0 | dense_trades_s0 | 2.00e-03 |" in text
+
+
+def test_splice_replaces_only_the_marked_block_and_is_idempotent(kept, tmp_path):
+    text = report.report(kept, tmp_path / "out")
+    doc = (f"# Study\n\nhand-written intro\n\n## Tables\n\n{report.BEGIN}\nstale\n"
+           f"{report.END}\n\n## Discussion\n\nhand-written\n")
+    once = report.splice(doc, text)
+    assert once.startswith("# Study\n\nhand-written intro\n\n## Tables\n\n")
+    assert once.endswith(f"{report.END}\n\n## Discussion\n\nhand-written\n")
+    assert "stale" not in once
+    # The page title stays out; sections go one level down under the host's heading.
+    assert "Reproduction study: tables" not in once
+    assert "\n### Every run\n" in once and "\n## Every run\n" not in once
+    # Every table row of the report is in the document.
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows and all(row in once.splitlines() for row in rows)
+    assert report.splice(once, text) == once
+
+
+@pytest.mark.parametrize("doc", ["no markers", f"{report.BEGIN} only",
+                                 f"{report.END} x {report.BEGIN}",
+                                 f"{report.BEGIN}{report.BEGIN}{report.END}"])
+def test_splice_rejects_documents_without_one_ordered_marker_pair(doc):
+    with pytest.raises(ValueError, match="report:tables"):
+        report.splice(doc, "# t\n\n## Every run\n\n| a |\n")
