@@ -37,7 +37,7 @@ Fashion-MNIST, small CNN, eps 0.1, TRADES (each config's full recipe unless ``--
 3. seeds 1 and 2: a dense model each and every method at 99 %;
 4. PGD-AT for one setting: dense, HYDRA and HYDRA + TSCNC at 99 % (seed 0);
 5. a second architecture, LeNet-5: dense, HYDRA and HYDRA + TSCNC at 99 % (seeds 0 and 1),
-   then at 90 and 95 % (seed 0), then at 95 % (seed 1).
+   then at 90 and 95 % (seed 0), then at 95 % (seed 1), then seed 2 at 95 % and 99 %.
 
 The order makes a partly finished study informative early. Every run is ``experiments.main`` in
 its own process and workdir through :func:`experiments.sweep.run_all`: a finished run
