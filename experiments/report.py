@@ -71,6 +71,7 @@ class Record:
     standard: float = math.nan
     fast_on_standard_subset: float = math.nan
     num_standard: int = 0
+    num_test: int = 0
     live_kappa: tuple[tuple[str, float], ...] = ()  # per kernel, in the summary's order
     # The run whose finished dense stage this one pruned (config.init_dir's last part; "" when
     # it trained its own), and the per-kernel kappa of the dense model it started from: the
@@ -101,18 +102,41 @@ def _record(run: str, s: dict) -> Record:
                   standard=float(s.get("standard_ensemble_acc", math.nan)),
                   fast_on_standard_subset=float(
                       s.get("fast_ensemble_acc_on_standard_subset", math.nan)),
-                  num_standard=int(s.get("num_standard", 0)),
+                  num_standard=int(s.get("num_standard", 0)), num_test=int(s["num_test"]),
                   live_kappa=tuple((k, float(v)) for k, v in s.get("live_kappa", {}).items()),
                   dense_from=(pathlib.PurePath(c["init_dir"]).name
                               if c.get("init_dir") and "dense" not in stages else ""),
                   dense_kappa=tuple((k, float(v)) for k, v in (dense_kappa or {}).items()))
 
 
+def with_standard(summary: dict, standard: dict) -> dict:
+    """``summary`` with its standard-ensemble numbers replaced by ``experiments.evaluate``'s
+    (``standard.json``: the standard ensemble on more of the run's test images). The fast
+    ensemble's accuracy on the same images is the run's own when they are all its test images;
+    otherwise it is unknown (NaN)."""
+    s = dict(summary)
+    num = int(standard["num_standard"])
+    s.update(num_standard=num, standard_ensemble_acc=standard["standard_ensemble_acc"],
+             standard_per_attack=standard["standard_per_attack"],
+             standard_attack_warnings=standard["standard_attack_warnings"],
+             fast_ensemble_acc_on_standard_subset=(
+                 summary["ensemble_acc"] if num == int(summary["num_test"]) else math.nan))
+    return s
+
+
+def _summary(path: pathlib.Path) -> dict:
+    summary = json.loads(path.read_text())
+    standard = path.parent / "standard.json"
+    if standard.exists():
+        summary = with_standard(summary, json.loads(standard.read_text()))
+    return summary
+
+
 def load(summaries: str | pathlib.Path) -> list[Record]:
-    """Every finished run under ``summaries``, sorted by model, loss, method, sparsity, seed."""
+    """Every finished run under ``summaries``, sorted by model, loss, method, sparsity, seed;
+    a run's ``standard.json`` (``experiments.evaluate``) replaces its standard-ensemble subset."""
     root = pathlib.Path(summaries)
-    records = [_record(p.parent.name, json.loads(p.read_text()))
-               for p in sorted(root.glob("*/summary.json"))]
+    records = [_record(p.parent.name, _summary(p)) for p in sorted(root.glob("*/summary.json"))]
     if not records:
         raise FileNotFoundError(f"no <run>/summary.json under {root}: run experiments.study "
                                 f"with --summaries={root} first.")
@@ -220,6 +244,22 @@ def paired_differences(records: list[Record], baseline: str = "hydra") -> list[d
     return out
 
 
+def full_standard(records: list[Record], baseline: str = "hydra") -> list[dict]:
+    """The runs with the standard ensemble on all their test images (``experiments.evaluate``),
+    each with its difference to ``baseline`` on the same model, loss, target and seed under the
+    standard and under the fast ensemble, when the baseline run has it too (else NaN)."""
+    full = {(r.model, r.loss, r.method, r.target, r.seed): r for r in records
+            if r.num_standard and r.num_standard == r.num_test}
+    out = []
+    for (model, loss, method, target, seed), r in sorted(full.items()):
+        b = full.get((model, loss, baseline, target, seed))
+        paired = b is not None and method != baseline
+        out.append({"record": r, "gap": r.ensemble - r.standard,
+                    "standard_vs_baseline": r.standard - b.standard if paired else math.nan,
+                    "fast_vs_baseline": r.ensemble - b.ensemble if paired else math.nan})
+    return out
+
+
 PREDICTORS = {"log10_live_kappa": "median log10 live kappa",
               "log10_kappa": "median log10 kappa (full kernels)",
               "log10_lipschitz_bound": "log10 prod sigma_max (Lipschitz upper bound)",
@@ -296,13 +336,30 @@ def tables(records: list[Record]) -> str:
                          f"{c['spearman']:.3f} | {c99['n']} | {c99['pearson']:.3f} | "
                          f"{c99['spearman']:.3f} |")
     gaps = np.array([r.fast_on_standard_subset - r.standard for r in records
-                     if r.num_standard], np.float64)
+                     if r.num_standard and math.isfinite(r.fast_on_standard_subset)], np.float64)
     if gaps.size:
         lines += ["", "## Configured (fast) ensemble versus the standard ensemble", "",
                   f"On the same first-N test images of {gaps.size} runs, the fast ensemble's "
                   f"robust accuracy minus the standard ensemble's: mean "
                   f"{100 * gaps.mean():.2f} points, largest {100 * gaps.max():.2f}, smallest "
                   f"{100 * gaps.min():.2f} (positive: the standard ensemble is stronger)."]
+    full = full_standard(records)
+    if full:
+        lines += ["", "## The standard ensemble on every test image", "",
+                  "Runs evaluated again with AutoAttack's standard ensemble on all their test "
+                  "images (`python -m experiments.evaluate`); accuracies in %, differences in "
+                  "points; *minus HYDRA* pairs the run with HYDRA's run of the same model, loss, "
+                  "target sparsity and seed when that run has it too.", "",
+                  "| run | clean | fast ensemble | standard ensemble | fast - standard | "
+                  "minus HYDRA (standard) | minus HYDRA (fast) |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        for row in full:
+            r = row["record"]
+            diffs = ["-" if math.isnan(row[k]) else f"{100 * row[k]:+.2f}"
+                     for k in ("standard_vs_baseline", "fast_vs_baseline")]
+            lines.append(f"| {r.run} | {_pct(r.clean)} | {_pct(r.ensemble)} | "
+                         f"{_pct(r.standard)} | {100 * row['gap']:.2f} | {diffs[0]} | "
+                         f"{diffs[1]} |")
     lines += _layer_table(records)
     repro = dense_reproduction(records)
     if repro:

@@ -28,7 +28,7 @@ import math
 import pathlib
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -360,7 +360,7 @@ def _prune_stage(config, workdir, model, data, dense: tj.TrainState, *, run: boo
     With ``run=False`` a HYDRA score stage must already be finished in ``workdir``.
     """
     c = config.prune
-    params = dense.ema_params if config.ema_decay is not None else dense.params
+    params = evaluated_params(config, dense)
     mask_fns = {"lwm": tj.layerwise_magnitude_masks,
                 "global": functools.partial(tj.global_magnitude_masks, min_kept_per_layer=1),
                 "random": functools.partial(tj.random_masks, key=jax.random.key(config.seed))}
@@ -431,15 +431,30 @@ def spectral_report(params, masks=None) -> dict:
             "lipschitz_upper_bound": float(np.prod(list(sigma_max.values())))}
 
 
-def final_evaluation(config, model, state: tj.TrainState, data, masks=None) -> dict:
-    params = state.ema_params if config.ema_decay is not None else state.params
-    variables = {"params": params}
+def evaluated_params(config, state: tj.TrainState):
+    """The parameters a run is evaluated with: the EMA copy when the config keeps one."""
+    return state.ema_params if config.ema_decay is not None else state.params
+
+
+def logits_function(config, model, state: tj.TrainState):
+    """The jitted inference-mode ``x -> logits`` of a trained state."""
+    variables = {"params": evaluated_params(config, state)}
     if jax.tree.leaves(state.batch_stats):
         variables["batch_stats"] = state.batch_stats
-    logits_fn = jax.jit(functools.partial(model.apply, variables, train=False))
+    return jax.jit(functools.partial(model.apply, variables, train=False))
+
+
+def test_arrays(data, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` test images as float32 in [0, 1] and their int32 labels."""
+    return (data.test_images[:n].astype(np.float32) / 255.0,
+            data.test_labels[:n].astype(np.int32))
+
+
+def final_evaluation(config, model, state: tj.TrainState, data, masks=None) -> dict:
+    params = evaluated_params(config, state)
+    logits_fn = logits_function(config, model, state)
     n = min(config.eval.num_test, data.test_images.shape[0])
-    x = data.test_images[:n].astype(np.float32) / 255.0
-    y = data.test_labels[:n].astype(np.int32)
+    x, y = test_arrays(data, n)
     t0 = time.time()
     pgd_attack = _eval_attack(config)
     keys = jax.random.split(jax.random.key(config.seed + 5), n)
@@ -497,17 +512,24 @@ def final_evaluation(config, model, state: tj.TrainState, data, masks=None) -> d
     return result
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """Runs the pipeline of ``config`` in ``workdir`` (resuming) and returns the summary.
+class Trained(NamedTuple):
+    """What :func:`train` hands to the evaluation: the model, its data, the state to evaluate,
+    the masks of a pruned run (``None`` for a dense one) and the spectral report of the dense
+    model it was pruned from (``None`` for a dense run)."""
 
-    With ``config.eval.final=False`` it only trains: no test-set evaluation, no ``summary.json``,
-    and the returned dict holds just ``config``, ``stages`` and ``trained_step``.
-    """
+    model: Any
+    data: Any
+    state: tj.TrainState
+    masks: Any
+    dense_report: dict | None
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Trained:
+    """Runs (or, where finished, loads) the stages named in ``config.stages`` in ``workdir``."""
     _validate(config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     source = pathlib.Path(config.init_dir) if config.init_dir else workdir
-    t0 = time.time()
     data = data_lib.load_for_config(config)
     model = _make_model(config)
     stages = config.stages
@@ -517,8 +539,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         state = _finished(source, "dense", _dense_initial_state(config, model, data)[0])
     masks, before = None, None
     if "prune" in stages or "finetune" in stages:
-        dense_params = state.ema_params if config.ema_decay is not None else state.params
-        before = spectral_report(dense_params)
+        before = spectral_report(evaluated_params(config, state))
         params, batch_stats, masks = _prune_stage(
             config, workdir if "prune" in stages else source, model, data, state,
             run="prune" in stages)
@@ -526,6 +547,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
                                ema_params=tj.apply_masks(params, masks), batch_stats=batch_stats)
         if "finetune" in stages:
             state = _finetune_stage(config, workdir, model, data, params, batch_stats, masks)
+    return Trained(model, data, state, masks, before)
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Trained:
+    """The trained state of a run whose stages have all finished; never trains.
+
+    Raises:
+      FileNotFoundError: a stage of ``config.stages`` (or the dense stage of ``config.init_dir``
+        that a run without its own dense stage starts from) has no final checkpoint.
+    """
+    workdir = pathlib.Path(workdir)
+    stages = split_stages(config.stages)
+    needed = [(workdir, s) for s in stages]
+    if "dense" not in stages:
+        needed.insert(0, (pathlib.Path(config.init_dir) if config.init_dir else workdir, "dense"))
+    if "finetune" in stages and "prune" not in stages:
+        needed.insert(1, (pathlib.Path(config.init_dir) if config.init_dir else workdir, "prune"))
+    missing = [str(_stage_final(d, s)) for d, s in needed if not _stage_final(d, s).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{workdir} is not a finished run: no final checkpoint in {', '.join(missing)}. "
+            f"Finish it first (python -m experiments.main with the same --config and "
+            f"--workdir resumes it).")
+    return train(config, workdir)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+    """Runs the pipeline of ``config`` in ``workdir`` (resuming) and returns the summary.
+
+    With ``config.eval.final=False`` it only trains: no test-set evaluation, no ``summary.json``,
+    and the returned dict holds just ``config``, ``stages`` and ``trained_step``.
+    """
+    t0 = time.time()
+    workdir = pathlib.Path(workdir)
+    model, data, state, masks, before = train(config, workdir)
+    stages = config.stages
     if not config.eval.final:
         log.info("config.eval.final=False: trained %s to step %d, no evaluation or summary",
                  ",".join(stages), int(state.step))
