@@ -97,7 +97,8 @@ def combine(chunks: list[dict], num: int) -> dict:
             "standard_clean_acc": float(np.mean(clean)),
             "standard_ensemble_acc": float(np.mean(robust)),
             "standard_per_attack": per_attack,
-            "standard_attack_warnings": sorted({w for c in chunks for w in c["warnings"]}),
+            "standard_attack_warnings": [f"images {c['start']}-{c['start'] + c['num'] - 1}: {w}"
+                                         for c in chunks for w in c["warnings"]],
             "standard_seconds": float(sum(c["seconds"] for c in chunks)),
             "chunk_starts": [c["start"] for c in chunks]}
 

@@ -29,6 +29,9 @@ def test_combine_counts_cumulative_accuracy_per_attack():
     assert totals["standard_clean_acc"] == pytest.approx(clean.mean(), abs=1e-15)
     assert totals["num_standard"] == 23 and totals["chunk_starts"] == [0, 10, 20]
     assert totals["standard_seconds"] == 3.0
+    chunks[1]["warnings"] = ["square broke 2"]  # the chunk of images 0-9
+    warnings = evaluate.combine(chunks, 23)["standard_attack_warnings"]
+    assert warnings == ["images 0-9: square broke 2"]
 
 
 def test_combine_rejects_gaps_overlaps_and_mixed_attacks():
