@@ -41,13 +41,18 @@ import tscnc_jax as tj
 from experiments import train
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "A finished run's directory (holds summary.json).")
-flags.DEFINE_integer("num", None, "Test images to evaluate (default: the run's eval.num_test).")
-flags.DEFINE_integer("chunk", 500, "Images per resumable chunk.")
-flags.DEFINE_integer("first", 0, "Evaluate only chunks starting at or after this image.")
-flags.DEFINE_integer("last", None, "Evaluate only chunks starting before this image.")
-flags.DEFINE_string("summaries", None, "Also copy standard.json to <summaries>/<run name>/.")
-flags.mark_flags_as_required(["workdir"])
+
+
+def _define_flags() -> None:
+    # Defined when run as a program only: importing the module (tests) must not register flags
+    # that other entry points (experiments.main, demo, study) also define.
+    flags.DEFINE_string("workdir", None, "A finished run's directory (holds summary.json).")
+    flags.DEFINE_integer("num", None, "Test images to evaluate (default: the run's num_test).")
+    flags.DEFINE_integer("chunk", 500, "Images per resumable chunk.")
+    flags.DEFINE_integer("first", 0, "Evaluate only chunks starting at or after this image.")
+    flags.DEFINE_integer("last", None, "Evaluate only chunks starting before this image.")
+    flags.DEFINE_string("summaries", None, "Also copy standard.json to <summaries>/<run>/.")
+    flags.mark_flags_as_required(["workdir"])
 
 ATTACKS = "standard"
 
@@ -182,4 +187,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
