@@ -39,6 +39,10 @@ Fashion-MNIST, small CNN, eps 0.1, TRADES (each config's full recipe unless ``--
 5. a second architecture, LeNet-5: dense, HYDRA and HYDRA + TSCNC at 99 % (seeds 0 and 1),
    then at 90 and 95 % (seed 0), then at 95 % (seed 1), then seed 2 at 95 % and 99 %.
 
+The standard ensemble on all of a finished run's test images, afterwards and resumably:
+``python -m experiments.evaluate --workdir=runs/study/<run> --summaries=docs/results/study``
+(1-1.5 hours per LeNet-5 run on one core here); the report uses it in place of the 500.
+
 The order makes a partly finished study informative early. Every run is ``experiments.main`` in
 its own process and workdir through :func:`experiments.sweep.run_all`: a finished run
 (``summary.json`` present) is skipped, a killed one resumes from its checkpoints, a failed one
