@@ -29,7 +29,6 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as in experiments.main
 
 import json
 import pathlib
-import shutil
 import time
 
 import jax
@@ -68,7 +67,7 @@ def evaluate_chunk(config, logits_fn, x: np.ndarray, y: np.ndarray, start: int) 
     """The standard ensemble on one chunk; per-image outcomes plus what the report needs."""
     batches = [(x[i:i + config.batch_size], y[i:i + config.batch_size])
                for i in range(0, len(y), config.batch_size)]
-    key = jax.random.key(config.seed + 8)  # the run's own (experiments.train.final_evaluation)
+    key = train.standard_key(config)  # the run's own
     t0 = time.time()
     rep = tj.evaluate_robustness(
         logits_fn, batches, eps=config.eps, attacks=ATTACKS,
@@ -153,9 +152,7 @@ def run(workdir: str | pathlib.Path, *, num: int | None = None, chunk: int = 500
         return None
     chunks = [json.loads(p.read_text()) for p in paths]
     totals = combine(chunks, num)
-    totals["clean_acc_matches_summary"] = (
-        num != num_test or abs(totals["standard_clean_acc"] - summary["clean_acc"]) < 1e-9)
-    if not totals["clean_acc_matches_summary"]:
+    if num == num_test and abs(totals["standard_clean_acc"] - summary["clean_acc"]) >= 1e-9:
         raise ValueError(f"clean accuracy {totals['standard_clean_acc']} differs from the "
                          f"summary's {summary['clean_acc']}: not the model the summary evaluated.")
     train._write_atomic(workdir / "standard.json", json.dumps(totals, indent=2))
@@ -178,8 +175,7 @@ def main(argv):
         if not (dest / "summary.json").exists():
             raise FileNotFoundError(f"{dest / 'summary.json'} does not exist: --summaries must "
                                     f"hold this run's kept summary.")
-        shutil.copyfile(workdir / "standard.json", dest / "standard.json.tmp")
-        os.replace(dest / "standard.json.tmp", dest / "standard.json")
+        train._write_atomic(dest / "standard.json", (workdir / "standard.json").read_text())
     print(f"{workdir}: standard ensemble {100 * totals['standard_ensemble_acc']:.2f} % on "
           f"{totals['num_standard']} images (clean {100 * totals['standard_clean_acc']:.2f} %), "
           f"{totals['standard_seconds'] / 60:.1f} min; per attack "

@@ -450,6 +450,11 @@ def test_arrays(data, n: int) -> tuple[np.ndarray, np.ndarray]:
             data.test_labels[:n].astype(np.int32))
 
 
+def standard_key(config) -> jax.Array:
+    """The key of a run's standard-ensemble evaluation (here and in ``experiments.evaluate``)."""
+    return jax.random.key(config.seed + 8)
+
+
 def final_evaluation(config, model, state: tj.TrainState, data, masks=None) -> dict:
     params = evaluated_params(config, state)
     logits_fn = logits_function(config, model, state)
@@ -476,7 +481,7 @@ def final_evaluation(config, model, state: tj.TrainState, data, masks=None) -> d
     if n_std:
         t_std = time.time()
         std = tj.evaluate_robustness(logits_fn, batches(n_std), eps=config.eps,
-                                     attacks="standard", key=jax.random.key(config.seed + 8),
+                                     attacks="standard", key=standard_key(config),
                                      progress=config.progress)
         fast_robust = report.clean_correct[:n_std] & (report.broken_by[:n_std] < 0)
         standard = {"num_standard": n_std,
@@ -524,25 +529,34 @@ class Trained(NamedTuple):
     dense_report: dict | None
 
 
+def _stage_dirs(config, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
+    """The run directory each stage a run needs is trained in or loaded from: its own
+    ``workdir`` for the stages in ``config.stages``, ``config.init_dir`` (default: ``workdir``)
+    for the earlier ones it starts from."""
+    stages = split_stages(config.stages)
+    source = pathlib.Path(config.init_dir) if config.init_dir else workdir
+    needed = STAGES[:max(STAGES.index(s) for s in stages) + 1]
+    return {s: workdir if s in stages else source for s in needed}
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Trained:
     """Runs (or, where finished, loads) the stages named in ``config.stages`` in ``workdir``."""
     _validate(config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    source = pathlib.Path(config.init_dir) if config.init_dir else workdir
+    dirs = _stage_dirs(config, workdir)
     data = data_lib.load_for_config(config)
     model = _make_model(config)
     stages = config.stages
     if "dense" in stages:
         state = _dense_stage(config, workdir, model, data)
     else:
-        state = _finished(source, "dense", _dense_initial_state(config, model, data)[0])
+        state = _finished(dirs["dense"], "dense", _dense_initial_state(config, model, data)[0])
     masks, before = None, None
     if "prune" in stages or "finetune" in stages:
         before = spectral_report(evaluated_params(config, state))
         params, batch_stats, masks = _prune_stage(
-            config, workdir if "prune" in stages else source, model, data, state,
-            run="prune" in stages)
+            config, dirs["prune"], model, data, state, run="prune" in stages)
         state = state._replace(params=tj.apply_masks(params, masks),
                                ema_params=tj.apply_masks(params, masks), batch_stats=batch_stats)
         if "finetune" in stages:
@@ -557,14 +571,10 @@ def restore(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> T
       FileNotFoundError: a stage of ``config.stages`` (or the dense stage of ``config.init_dir``
         that a run without its own dense stage starts from) has no final checkpoint.
     """
+    _validate(config)
     workdir = pathlib.Path(workdir)
-    stages = split_stages(config.stages)
-    needed = [(workdir, s) for s in stages]
-    if "dense" not in stages:
-        needed.insert(0, (pathlib.Path(config.init_dir) if config.init_dir else workdir, "dense"))
-    if "finetune" in stages and "prune" not in stages:
-        needed.insert(1, (pathlib.Path(config.init_dir) if config.init_dir else workdir, "prune"))
-    missing = [str(_stage_final(d, s)) for d, s in needed if not _stage_final(d, s).exists()]
+    missing = [str(_stage_final(d, s)) for s, d in _stage_dirs(config, workdir).items()
+               if not _stage_final(d, s).exists()]
     if missing:
         raise FileNotFoundError(
             f"{workdir} is not a finished run: no final checkpoint in {', '.join(missing)}. "
