@@ -37,7 +37,11 @@ Fashion-MNIST, small CNN, eps 0.1, TRADES (each config's full recipe unless ``--
 3. seeds 1 and 2: a dense model each and every method at 99 %;
 4. PGD-AT for one setting: dense, HYDRA and HYDRA + TSCNC at 99 % (seed 0);
 5. a second architecture, LeNet-5: dense, HYDRA and HYDRA + TSCNC at 99 % (seeds 0 and 1),
-   then at 90 and 95 % (seed 0), then at 95 % (seed 1), then seed 2 at 95 % and 99 %.
+   then at 90 and 95 % (seed 0), then at 95 % (seed 1), then seed 2 at 95 % and 99 %;
+6. which stage carries HYDRA + TSCNC's gain on LeNet-5 at 95 %: HYDRA's pruning and plain
+   fine-tuning of HYDRA + TSCNC's penalised dense model (``hydra_from_tscnc_dense``), and HYDRA +
+   TSCNC's pruning and penalised fine-tuning of the plain dense model
+   (``hydra_tscnc_from_plain_dense``), seeds 0, 2 and 1.
 
 The standard ensemble on all of a finished run's test images, afterwards and resumably:
 ``python -m experiments.evaluate --workdir=runs/study/<run> --summaries=docs/results/study``
@@ -104,6 +108,9 @@ OWN_DENSE = ("hydra_tsc", "hydra_cnc", "hydra_tscnc")
 AUTHORS = "tscnc_authors"  # own dense stage too (a gated network), then HYDRA, no fine-tuning
 METHODS = (*SHARED_DENSE, *OWN_DENSE, AUTHORS)
 LENET_METHODS = ("hydra", "hydra_tscnc")  # the second architecture: the baseline and TSCNC
+# The crossed-stage ablation on LeNet-5 at 95 %: (config, dense run it prunes, config.name).
+CROSSED = (("hydra", "lenet5_hydra_tscnc_99_s{seed}", "hydra_from_tscnc_dense"),
+           ("hydra_tscnc", "lenet5_dense_s{seed}", "hydra_tscnc_from_plain_dense"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +194,14 @@ def plan() -> list[Run]:
     runs.append(Run("lenet5_dense_s2", "dense_trades", (("seed", "2"), *lenet)))
     runs += [lenet_run("hydra", 0.95, 2), lenet_run("hydra_tscnc", 0.99, 2),
              lenet_run("hydra_tscnc", 0.95, 2), lenet_run("hydra", 0.99, 2)]
+    # Which stage carries that gain: each pipeline's pruning and fine-tuning from the other's
+    # dense model (a 2 x 2 with lenet5_hydra_95 and lenet5_hydra_tscnc_95), the winning seeds
+    # first. The method name (config.name) says which dense model it started from.
+    for seed in (0, 2, 1):
+        for method, dense, name in CROSSED:
+            runs.append(Run(f"lenet5_{name}_95_s{seed}", method,
+                            (("seed", str(seed)), ("prune.sparsity", "0.95"), *lenet,
+                             ("name", name)), dense.format(seed=seed)))
     return runs
 
 

@@ -45,8 +45,9 @@ def test_plan_covers_the_study_and_orders_dense_runs_first():
     def without_sparsity(run):
         return [kv for kv in run.overrides if kv[0] != "prune.sparsity"]
 
+    crossed = {name for _, _, name in study.CROSSED}
     for r in runs:  # a reused dense stage was trained with the same dense configuration
-        if r.dense_from is None:
+        if r.dense_from is None or dict(r.overrides).get("name") in crossed:
             continue
         source = by_name[r.dense_from]
         if r.config in study.SHARED_DENSE:
@@ -70,6 +71,19 @@ def test_plan_covers_the_study_and_orders_dense_runs_first():
     tscnc_95 = flags_of["lenet5_hydra_tscnc_95_s0"]
     assert tscnc_95[-1] == "--config.init_dir=w/lenet5_hydra_tscnc_99_s0"
     assert flags_of["lenet5_hydra_95_s0"][-1] == "--config.init_dir=w/lenet5_dense_s0"
+    # The crossed-stage ablation: each 95 % pipeline from the other's dense model, so that with
+    # lenet5_hydra_95 and lenet5_hydra_tscnc_95 every (dense model, pruning + fine-tuning) pair
+    # of the two methods is run, under a method name of its own.
+    for seed in (0, 1, 2):
+        plain, penalised = (flags_of[f"lenet5_{m}_95_s{seed}"] for m in ("hydra", "hydra_tscnc"))
+        for name, config, dense_like in (("hydra_from_tscnc_dense", "hydra", penalised),
+                                         ("hydra_tscnc_from_plain_dense", "hydra_tscnc", plain)):
+            run = f"lenet5_{name}_95_s{seed}"
+            f = flags_of[run]
+            assert by_name[run].config == config and f[-1] == dense_like[-1], run
+            assert f[-2] == "--config.stages=prune,finetune", run
+            assert f"--config.name={name}" in f and "--config.prune.sparsity=0.95" in f, run
+            assert position[run] > position[f"lenet5_hydra_tscnc_95_s{seed}"], run
 
 
 def test_select_keeps_the_dense_runs_a_selection_needs():
