@@ -37,7 +37,7 @@ Fashion-MNIST, small CNN, eps 0.1, TRADES (each config's full recipe unless ``--
 3. seeds 1 and 2: a dense model each and every method at 99 %;
 4. PGD-AT for one setting: dense, HYDRA and HYDRA + TSCNC at 99 % (seed 0);
 5. a second architecture, LeNet-5: dense, HYDRA and HYDRA + TSCNC at 99 % (seeds 0 and 1),
-   then at 90 and 95 % (seed 0), then at 95 % (seed 1), then seed 2 at 95 % and 99 %;
+   then at 90 and 95 % (seed 0), then at 95 % (seed 1), then seeds 2 and 3 at 95 % and 99 %;
 6. which stage carries HYDRA + TSCNC's gain on LeNet-5 at 95 %: HYDRA's pruning and plain
    fine-tuning of HYDRA + TSCNC's penalised dense model (``hydra_from_tscnc_dense``), and HYDRA +
    TSCNC's pruning and penalised fine-tuning of the plain dense model
@@ -194,6 +194,10 @@ def plan() -> list[Run]:
     runs.append(Run("lenet5_dense_s2", "dense_trades", (("seed", "2"), *lenet)))
     runs += [lenet_run("hydra", 0.95, 2), lenet_run("hydra_tscnc", 0.99, 2),
              lenet_run("hydra_tscnc", 0.95, 2), lenet_run("hydra", 0.99, 2)]
+    # A fourth seed at 95 % (and so a fourth 99 % pair).
+    runs.append(Run("lenet5_dense_s3", "dense_trades", (("seed", "3"), *lenet)))
+    runs += [lenet_run("hydra_tscnc", 0.99, 3), lenet_run("hydra_tscnc", 0.95, 3),
+             lenet_run("hydra", 0.95, 3), lenet_run("hydra", 0.99, 3)]
     # Which stage carries that gain: each pipeline's pruning and fine-tuning from the other's
     # dense model (a 2 x 2 with lenet5_hydra_95 and lenet5_hydra_tscnc_95), the winning seeds
     # first. The method name (config.name) says which dense model it started from.

@@ -62,9 +62,13 @@ def test_plan_covers_the_study_and_orders_dense_runs_first():
         for m in study.LENET_METHODS:
             assert f"lenet5_{m}_{sp}_s0" in position
     assert {"lenet5_hydra_99_s1", "lenet5_hydra_tscnc_99_s1"} <= set(position)
-    # Three seeds at 95 %; seed 2's penalised 95 % run prunes its own 99 % run's dense stage.
-    assert {f"lenet5_{m}_95_s{s}" for m in ("hydra", "hydra_tscnc") for s in (0, 1, 2)} <= set(
+    # Four seeds at 95 %; seeds 2 and 3's penalised 95 % runs prune their own 99 % run's dense
+    # stage, which comes before them.
+    assert {f"lenet5_{m}_95_s{s}" for m in ("hydra", "hydra_tscnc") for s in (0, 1, 2, 3)} <= set(
         position)
+    assert flags_of["lenet5_hydra_tscnc_95_s3"][-1] == (
+        "--config.init_dir=w/lenet5_hydra_tscnc_99_s3")
+    assert flags_of["lenet5_hydra_95_s3"][-1] == "--config.init_dir=w/lenet5_dense_s3"
     tscnc_95_s2 = flags_of["lenet5_hydra_tscnc_95_s2"]
     assert tscnc_95_s2[-1] == "--config.init_dir=w/lenet5_hydra_tscnc_99_s2"
     assert position["lenet5_dense_s2"] < position["lenet5_hydra_95_s2"]
