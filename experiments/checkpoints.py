@@ -51,21 +51,48 @@ def save(mgr: ocp.CheckpointManager, step: int, state: TrainState, *, wait: bool
         mgr.wait_until_finished()
 
 
-def restore_latest(mgr: ocp.CheckpointManager, template: TrainState) -> TrainState | None:
+def _with_template_optimizer(saved: dict, template: dict) -> dict:
+    """``saved`` (restored without a target) with ``template``'s optimizer state; every other
+    entry must match ``template``'s structure, shapes and dtypes, and is placed like it."""
+    wanted = {k: v for k, v in template.items() if k != "opt_state"}
+    got = {k: saved[k] for k in wanted if k in saved}
+    if jax.tree.structure(got) != jax.tree.structure(wanted):
+        raise ValueError(f"saved model state {jax.tree.structure(got)} does not match this "
+                         f"run's {jax.tree.structure(wanted)} (another model?)")
+    for (path, t), v in zip(jax.tree_util.tree_leaves_with_path(wanted), jax.tree.leaves(got),
+                            strict=True):
+        if t.shape != v.shape or t.dtype != v.dtype:
+            raise ValueError(f"saved {jax.tree_util.keystr(path)} is {v.dtype}{list(v.shape)}, "
+                             f"this run's is {t.dtype}{list(t.shape)} (another model?)")
+    placed = jax.tree.map(lambda t, v: jax.device_put(v, t.sharding), wanted, got)
+    return {**placed, "opt_state": template["opt_state"]}
+
+
+def restore_latest(mgr: ocp.CheckpointManager, template: TrainState, *,
+                   optimizer: bool = True) -> TrainState | None:
     """Restores the newest readable checkpoint into ``template``'s structure.
 
     Returns ``None`` when the directory has no checkpoint. If the newest is unreadable
     (truncated, corrupted), logs a warning naming it and tries the previous one; raises
     :class:`CheckpointError` when none can be read.
+
+    With ``optimizer=False`` the saved optimizer state is not used and ``template``'s is kept:
+    for loading a finished stage as the start of another (a dense model pruned by a method
+    whose optimizer chain, e.g. with other penalties, differs from the one that trained it).
     """
     steps = sorted(mgr.all_steps(), reverse=True)
     if not steps:
         return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _to_saveable(template))
+    saveable = _to_saveable(template)
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, saveable)
     errors = []
     for step in steps:
         try:
-            restored = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+            if optimizer:
+                restored = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+            else:
+                restored = _with_template_optimizer(
+                    mgr.restore(step, args=ocp.args.StandardRestore()), saveable)
         except Exception as e:  # any read failure means: try the previous one
             errors.append(f"step {step}: {type(e).__name__}: {e}")
             log.warning("Checkpoint %s/%s is unreadable (%s); trying the previous one.",

@@ -282,12 +282,13 @@ def _stage_final(workdir: pathlib.Path, stage: str) -> pathlib.Path:
     return workdir / stage / "final"
 
 
-def _load_final(workdir: pathlib.Path, stage: str, template: tj.TrainState):
+def _load_final(workdir: pathlib.Path, stage: str, template: tj.TrainState, *,
+                optimizer: bool = True):
     final_dir = _stage_final(workdir, stage)
     if not final_dir.exists():
         return None
     mgr = checkpoints.manager(final_dir, max_to_keep=1)
-    return checkpoints.restore_latest(mgr, template)
+    return checkpoints.restore_latest(mgr, template, optimizer=optimizer)
 
 
 def _save_final(workdir: pathlib.Path, stage: str, state: tj.TrainState) -> None:
@@ -329,9 +330,9 @@ def _dense_initial_state(config, model, data):
     return state, tx
 
 
-def _finished(source: pathlib.Path, stage: str, template):
+def _finished(source: pathlib.Path, stage: str, template, *, optimizer: bool = True):
     """The final state of ``stage`` in the run directory ``source``, which must exist."""
-    done = _load_final(source, stage, template)
+    done = _load_final(source, stage, template, optimizer=optimizer)
     if done is None:
         raise FileNotFoundError(
             f"no finished {stage} stage in {_stage_final(source, stage)}: run the {stage} stage "
@@ -551,7 +552,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
     if "dense" in stages:
         state = _dense_stage(config, workdir, model, data)
     else:
-        state = _finished(dirs["dense"], "dense", _dense_initial_state(config, model, data)[0])
+        # Pruning starts from the dense weights alone, so the dense stage may come from a run
+        # whose optimizer (its penalties) differs from this config's dense one.
+        state = _finished(dirs["dense"], "dense", _dense_initial_state(config, model, data)[0],
+                          optimizer=False)
     masks, before = None, None
     if "prune" in stages or "finetune" in stages:
         before = spectral_report(evaluated_params(config, state))

@@ -232,6 +232,53 @@ def test_corrupted_latest_checkpoint_falls_back_loudly(tmp_path, caplog):
         checkpoints.restore_latest(checkpoints.manager(tmp_path), template)
 
 
+def test_a_stage_saved_under_another_optimizer_loads_without_its_optimizer_state(tmp_path):
+    import optax
+
+    import tscnc_jax as tj
+
+    model = tj.create_model("mlp", features=(4,), num_classes=2)
+    saved = tj.create_train_state(model, optax.sgd(0.1, momentum=0.9), jax.random.key(0), (3,))
+    saved = saved._replace(step=jnp.asarray(7, saved.step.dtype),
+                           params=jax.tree.map(lambda p: p + 1.5, saved.params),
+                           ema_params=jax.tree.map(lambda p: p - 0.5, saved.params))
+    checkpoints.save(checkpoints.manager(tmp_path), 7, saved)
+    # This run's optimizer is another chain (as a penalised method's is): another opt_state.
+    template = tj.create_train_state(model, optax.adam(1e-3), jax.random.key(1), (3,))
+    with pytest.raises(checkpoints.CheckpointError, match="opt_state"):
+        checkpoints.restore_latest(checkpoints.manager(tmp_path), template)
+    got = checkpoints.restore_latest(checkpoints.manager(tmp_path), template, optimizer=False)
+    assert checkpoints.tree_equal(got.params, saved.params)
+    assert checkpoints.tree_equal(got.ema_params, saved.ema_params)
+    assert int(got.step) == 7
+    assert checkpoints.tree_equal(jax.random.key_data(got.rng), jax.random.key_data(saved.rng))
+    assert checkpoints.tree_equal(got.opt_state, template.opt_state)
+    # Another model's weights are refused, naming the parameter.
+    wider = tj.create_train_state(tj.create_model("mlp", features=(5,), num_classes=2),
+                                  optax.adam(1e-3), jax.random.key(1), (3,))
+    with pytest.raises(checkpoints.CheckpointError, match=r"another model"):
+        checkpoints.restore_latest(checkpoints.manager(tmp_path), wider, optimizer=False)
+
+
+@pytest.mark.slow
+def test_one_method_prunes_another_methods_dense_model(tmp_path):
+    """HYDRA's pruning of HYDRA + TSCNC's penalised dense model: the dense optimizers differ
+    (the penalties are transformations in the chain), the weights carry over exactly."""
+    import tscnc_jax as tj
+
+    penalised = _config("hydra_tscnc")
+    penalised.stages, penalised.eval.final = ("dense",), False
+    train.train_and_evaluate(penalised, tmp_path / "tscnc")
+    dense = train.train(penalised, tmp_path / "tscnc").state
+    config = _config("hydra")
+    config.stages, config.init_dir = ("prune",), str(tmp_path / "tscnc")
+    pruned = train.train(config, tmp_path / "hydra")
+    assert pruned.dense_report is not None
+    expected = tj.apply_masks(train.evaluated_params(config, dense), pruned.masks)
+    assert checkpoints.tree_equal(pruned.state.params, expected)
+    assert tj.summarize_sparsity(pruned.masks).sparsity >= config.prune.sparsity - 1e-9
+
+
 @pytest.mark.slow
 def test_demo_stage_by_stage_equals_one_command(tmp_path):
     from experiments import demo
