@@ -106,6 +106,45 @@ def _write(root, name, summary):
     (root / name / "summary.json").write_text(json.dumps(summary))
 
 
+def test_crossed_stages_give_each_stage_its_share_of_the_gain(tmp_path):
+    from experiments import study
+
+    # The report's cells are the study's runs: its two crossed methods and the two they cross.
+    assert {name for _, _, name in study.CROSSED} | {"hydra", "hydra_tscnc"} == set(
+        report.CROSSED_CELLS.values())
+    acc = {0: {"hydra": 0.40, "hydra_tscnc_from_plain_dense": 0.42,
+               "hydra_from_tscnc_dense": 0.51, "hydra_tscnc": 0.55},
+           1: {"hydra": 0.45, "hydra_tscnc_from_plain_dense": 0.44,
+               "hydra_from_tscnc_dense": 0.47, "hydra_tscnc": 0.46},
+           2: {"hydra": 0.43, "hydra_tscnc": 0.57}}  # seed 2 lacks the crossed runs
+    root = tmp_path / "kept"
+    for seed, methods in acc.items():
+        for method, ens in methods.items():
+            _write(root, f"{method}_{seed}", _summary(method, 0.95, seed, ens, 1.0, 20.0,
+                                                      model="lenet5"))
+    _write(root, "hydra_99_0", _summary("hydra", 0.99, 0, 0.3, 1.0, 20.0, model="lenet5"))
+    rows = report.crossed_stages(report.load(root))
+    assert [(r["model"], r["target"], r["seed"]) for r in rows] == [
+        ("lenet5", 0.95, 0), ("lenet5", 0.95, 1)]
+    for row in rows:
+        a = acc[row["seed"]]
+        np.testing.assert_allclose(
+            [row["effects"]["penalised dense model"],
+             row["effects"]["TSCNC's pruning and fine-tuning"],
+             row["effects"]["both (HYDRA + TSCNC)"]],
+            [a["hydra_from_tscnc_dense"] - a["hydra"],
+             a["hydra_tscnc_from_plain_dense"] - a["hydra"], a["hydra_tscnc"] - a["hydra"]],
+            rtol=1e-12)
+        assert row["cells"][("penalised", "hydra")] == a["hydra_from_tscnc_dense"]
+    text = report.tables(report.load(root))
+    assert "Which stage carries TSCNC's gain" in text
+    assert ("| lenet5 | 95.00 | 0 | 40.00 | 42.00 | 51.00 | 55.00 | +11.00 | +2.00 | +15.00 |"
+            in text)
+    dense_gain = np.array([0.11, 0.02]) * 100
+    mean_row = next(line for line in text.splitlines() if "mean of 2" in line)
+    assert f"{dense_gain.mean():.2f} ± {dense_gain.std(ddof=1):.2f}" in mean_row
+
+
 def test_correlations_per_setting_and_over_every_run(kept, tmp_path):
     records = report.load(kept)
     assert [name for name, _ in report.settings(records)] == ["small_cnn, trades"]
