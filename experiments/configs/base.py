@@ -63,7 +63,8 @@ def get_base_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.seed = 0
     c.stages = ("dense", "prune", "finetune")
     # Workdir of a run whose finished earlier stages this run starts from (e.g. one dense model
-    # shared by several pruning methods); None: this run's own workdir.
+    # shared by several pruning methods, or another method's: only the weights are taken from a
+    # dense stage, not its optimizer state); None: this run's own workdir.
     c.init_dir = ml_collections.FieldReference(None, field_type=str)
 
     c.dataset = "fashion_mnist"  # fashion_mnist | mnist | cifar10 | svhn_cropped | synthetic
