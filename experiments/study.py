@@ -41,7 +41,8 @@ Fashion-MNIST, small CNN, eps 0.1, TRADES (each config's full recipe unless ``--
 6. which stage carries HYDRA + TSCNC's gain on LeNet-5 at 95 %: HYDRA's pruning and plain
    fine-tuning of HYDRA + TSCNC's penalised dense model (``hydra_from_tscnc_dense``), and HYDRA +
    TSCNC's pruning and penalised fine-tuning of the plain dense model
-   (``hydra_tscnc_from_plain_dense``), seeds 0, 2 and 1.
+   (``hydra_tscnc_from_plain_dense``), seeds 0, 2 and 1; then which penalty: HYDRA + CNC and
+   HYDRA + TSC on LeNet-5 at 99 and 95 % (seeds 0 and 2).
 
 The standard ensemble on all of a finished run's test images, afterwards and resumably:
 ``python -m experiments.evaluate --workdir=runs/study/<run> --summaries=docs/results/study``
@@ -206,6 +207,10 @@ def plan() -> list[Run]:
             runs.append(Run(f"lenet5_{name}_95_s{seed}", method,
                             (("seed", str(seed)), ("prune.sparsity", "0.95"), *lenet,
                              ("name", name)), dense.format(seed=seed)))
+    # Which penalty in the dense stage: CNC alone and TSC alone, at 99 % (training the
+    # penalised dense stage) and 95 %, in the two seeds where TSCNC gained.
+    for seed in (0, 2):
+        runs += [lenet_run(m, sp, seed) for m in ("hydra_cnc", "hydra_tsc") for sp in (0.99, 0.95)]
     return runs
 
 
