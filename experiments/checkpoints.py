@@ -79,6 +79,7 @@ def restore_latest(mgr: ocp.CheckpointManager, template: TrainState, *,
     With ``optimizer=False`` the saved optimizer state is not used and ``template``'s is kept:
     for loading a finished stage as the start of another (a dense model pruned by a method
     whose optimizer chain, e.g. with other penalties, differs from the one that trained it).
+    Weights that do not match ``template``'s (another model) raise ``ValueError``.
     """
     steps = sorted(mgr.all_steps(), reverse=True)
     if not steps:
@@ -88,16 +89,18 @@ def restore_latest(mgr: ocp.CheckpointManager, template: TrainState, *,
     errors = []
     for step in steps:
         try:
-            if optimizer:
-                restored = mgr.restore(step, args=ocp.args.StandardRestore(abstract))
-            else:
-                restored = _with_template_optimizer(
-                    mgr.restore(step, args=ocp.args.StandardRestore()), saveable)
+            restored = mgr.restore(step, args=ocp.args.StandardRestore(
+                abstract if optimizer else None))
         except Exception as e:  # any read failure means: try the previous one
             errors.append(f"step {step}: {type(e).__name__}: {e}")
             log.warning("Checkpoint %s/%s is unreadable (%s); trying the previous one.",
                         mgr.directory, step, e)
             continue
+        if not optimizer:  # a mismatch is not damage: an older checkpoint would not match either
+            try:
+                restored = _with_template_optimizer(restored, saveable)
+            except ValueError as e:
+                raise ValueError(f"checkpoint {mgr.directory}/{step}: {e}") from None
         if errors:
             log.warning("Resumed from checkpoint %s after %d unreadable newer one(s).", step,
                         len(errors))
