@@ -78,7 +78,7 @@ def test_plan_covers_the_study_and_orders_dense_runs_first():
     # The crossed-stage ablation: each 95 % pipeline from the other's dense model, so that with
     # lenet5_hydra_95 and lenet5_hydra_tscnc_95 every (dense model, pruning + fine-tuning) pair
     # of the two methods is run, under a method name of its own.
-    for seed in (0, 1, 2):
+    for seed in (0, 1, 2, 3):
         plain, penalised = (flags_of[f"lenet5_{m}_95_s{seed}"] for m in ("hydra", "hydra_tscnc"))
         for name, config, dense_like in (("hydra_from_tscnc_dense", "hydra", penalised),
                                          ("hydra_tscnc_from_plain_dense", "hydra_tscnc", plain)):
