@@ -27,6 +27,7 @@ import math
 import pathlib
 from collections import defaultdict
 
+import matplotlib
 import numpy as np
 from absl import app, flags
 from matplotlib.figure import Figure
@@ -473,23 +474,34 @@ def _label(key) -> str:
 def figures(records: list[Record], out: pathlib.Path) -> list[pathlib.Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
+    cmap = matplotlib.colormaps["tab20"]
     for fname, field, ylabel, scale in (
             ("kappa_vs_sparsity.png", "log10_live_kappa", "median log10 live kappa", 1.0),
             ("robust_vs_sparsity.png", "ensemble", "ensemble robust accuracy (%)", 100.0),
             ("lipschitz_vs_sparsity.png", "log10_lipschitz_bound",
              "log10 prod sigma_max (Lipschitz upper bound)", 1.0)):
-        fig = Figure(figsize=(7, 4.5))
-        ax = fig.add_subplot()
-        for key, rows in _by_method(records).items():
-            x = [100 * r["target"] for r in rows]
-            y = [scale * r[field] for r in rows]
-            err = [0.0 if math.isnan(r[field + "_std"]) else scale * r[field + "_std"]
-                   for r in rows]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=_label(key))
-        ax.set_xlabel("target sparsity (%)")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        # One panel per model and loss, one colour per method throughout.
+        by_method = _by_method(records)
+        panels = sorted({key[:2] for key in by_method})
+        colour = {m: cmap(i % 20) for i, m in enumerate(sorted({key[2] for key in by_method}))}
+        fig = Figure(figsize=(5 * len(panels), 4.5))
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, panel in zip(axes, panels, strict=True):
+            for key, rows in by_method.items():
+                if key[:2] != panel:
+                    continue
+                x = [100 * r["target"] for r in rows]
+                y = [scale * r[field] for r in rows]
+                err = [0.0 if math.isnan(r[field + "_std"]) else scale * r[field + "_std"]
+                       for r in rows]
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=key[2],
+                            color=colour[key[2]])
+            ax.set_title(", ".join(panel), fontsize=9)
+            ax.set_xlabel("target sparsity (%)")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
         paths.append(_save(fig, out / fname))
     fig = Figure(figsize=(6, 4.5))
     ax = fig.add_subplot()
