@@ -474,16 +474,16 @@ def _label(key) -> str:
 def figures(records: list[Record], out: pathlib.Path) -> list[pathlib.Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
+    # One panel per model and loss, one colour per method throughout.
+    by_method = _by_method(records)
+    panels = sorted({key[:2] for key in by_method})
     cmap = matplotlib.colormaps["tab20"]
+    colour = {m: cmap(i % 20) for i, m in enumerate(sorted({key[2] for key in by_method}))}
     for fname, field, ylabel, scale in (
             ("kappa_vs_sparsity.png", "log10_live_kappa", "median log10 live kappa", 1.0),
             ("robust_vs_sparsity.png", "ensemble", "ensemble robust accuracy (%)", 100.0),
             ("lipschitz_vs_sparsity.png", "log10_lipschitz_bound",
              "log10 prod sigma_max (Lipschitz upper bound)", 1.0)):
-        # One panel per model and loss, one colour per method throughout.
-        by_method = _by_method(records)
-        panels = sorted({key[:2] for key in by_method})
-        colour = {m: cmap(i % 20) for i, m in enumerate(sorted({key[2] for key in by_method}))}
         fig = Figure(figsize=(5 * len(panels), 4.5))
         axes = fig.subplots(1, len(panels), squeeze=False)[0]
         for ax, panel in zip(axes, panels, strict=True):
