@@ -42,7 +42,7 @@ Fashion-MNIST, small CNN, eps 0.1, TRADES (each config's full recipe unless ``--
    fine-tuning of HYDRA + TSCNC's penalised dense model (``hydra_from_tscnc_dense``), and HYDRA +
    TSCNC's pruning and penalised fine-tuning of the plain dense model
    (``hydra_tscnc_from_plain_dense``), seeds 0, 2, 1 and 3; then which penalty: HYDRA + CNC and
-   HYDRA + TSC on LeNet-5 at 99 and 95 % (seeds 0 and 2).
+   HYDRA + TSC on LeNet-5 at 99 and 95 % (seeds 0 and 2), then HYDRA + CNC in seeds 1 and 3.
 
 The standard ensemble on all of a finished run's test images, afterwards and resumably:
 ``python -m experiments.evaluate --workdir=runs/study/<run> --summaries=docs/results/study``
@@ -211,6 +211,10 @@ def plan() -> list[Run]:
     # penalised dense stage) and 95 %, in the two seeds where TSCNC gained.
     for seed in (0, 2):
         runs += [lenet_run(m, sp, seed) for m in ("hydra_cnc", "hydra_tsc") for sp in (0.99, 0.95)]
+    # CNC alone in the other two seeds: does it make the robust outcome likelier, or only move
+    # which seed gets it?
+    for seed in (1, 3):
+        runs += [lenet_run("hydra_cnc", sp, seed) for sp in (0.99, 0.95)]
     return runs
 
 

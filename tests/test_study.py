@@ -88,8 +88,10 @@ def test_plan_covers_the_study_and_orders_dense_runs_first():
             assert f[-2] == "--config.stages=prune,finetune", run
             assert f"--config.name={name}" in f and "--config.prune.sparsity=0.95" in f, run
             assert position[run] > position[f"lenet5_hydra_tscnc_95_s{seed}"], run
-    for seed in (0, 2):  # CNC alone and TSC alone on LeNet-5, from their own dense stages
-        for m in ("hydra_cnc", "hydra_tsc"):
+    # CNC alone and TSC alone on LeNet-5, from their own dense stages; CNC in all four seeds.
+    for seed, methods in ((0, ("hydra_cnc", "hydra_tsc")), (2, ("hydra_cnc", "hydra_tsc")),
+                          (1, ("hydra_cnc",)), (3, ("hydra_cnc",))):
+        for m in methods:
             assert flags_of[f"lenet5_{m}_99_s{seed}"][-1] == "--config.model.name=lenet5"
             assert flags_of[f"lenet5_{m}_95_s{seed}"][-1] == (
                 f"--config.init_dir=w/lenet5_{m}_99_s{seed}")
