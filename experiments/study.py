@@ -42,7 +42,8 @@ Fashion-MNIST, small CNN, eps 0.1, TRADES (each config's full recipe unless ``--
    fine-tuning of HYDRA + TSCNC's penalised dense model (``hydra_from_tscnc_dense``), and HYDRA +
    TSCNC's pruning and penalised fine-tuning of the plain dense model
    (``hydra_tscnc_from_plain_dense``), seeds 0, 2, 1 and 3; then which penalty: HYDRA + CNC and
-   HYDRA + TSC on LeNet-5 at 99 and 95 % (seeds 0 and 2), then HYDRA + CNC in seeds 1 and 3.
+   HYDRA + TSC on LeNet-5 at 99 and 95 % (seeds 0 and 2), then HYDRA + CNC in seeds 1 and 3;
+7. a fifth LeNet-5 seed: dense, HYDRA + TSCNC and HYDRA at 99 and 95 %.
 
 The standard ensemble on all of a finished run's test images, afterwards and resumably:
 ``python -m experiments.evaluate --workdir=runs/study/<run> --summaries=docs/results/study``
@@ -215,6 +216,10 @@ def plan() -> list[Run]:
     # which seed gets it?
     for seed in (1, 3):
         runs += [lenet_run("hydra_cnc", sp, seed) for sp in (0.99, 0.95)]
+    # A fifth seed of the two methods, as seed 3: how often does each reach the robust outcome?
+    runs.append(Run("lenet5_dense_s4", "dense_trades", (("seed", "4"), *lenet)))
+    runs += [lenet_run("hydra_tscnc", 0.99, 4), lenet_run("hydra_tscnc", 0.95, 4),
+             lenet_run("hydra", 0.95, 4), lenet_run("hydra", 0.99, 4)]
     return runs
 
 

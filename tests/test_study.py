@@ -62,13 +62,18 @@ def test_plan_covers_the_study_and_orders_dense_runs_first():
         for m in study.LENET_METHODS:
             assert f"lenet5_{m}_{sp}_s0" in position
     assert {"lenet5_hydra_99_s1", "lenet5_hydra_tscnc_99_s1"} <= set(position)
-    # Four seeds at 95 %; seeds 2 and 3's penalised 95 % runs prune their own 99 % run's dense
+    # Five seeds at 95 %; seeds 2-4's penalised 95 % runs prune their own 99 % run's dense
     # stage, which comes before them.
-    assert {f"lenet5_{m}_95_s{s}" for m in ("hydra", "hydra_tscnc") for s in (0, 1, 2, 3)} <= set(
+    assert {f"lenet5_{m}_95_s{s}" for m in ("hydra", "hydra_tscnc") for s in range(5)} <= set(
         position)
-    assert flags_of["lenet5_hydra_tscnc_95_s3"][-1] == (
-        "--config.init_dir=w/lenet5_hydra_tscnc_99_s3")
-    assert flags_of["lenet5_hydra_95_s3"][-1] == "--config.init_dir=w/lenet5_dense_s3"
+    for seed in (3, 4):
+        assert flags_of[f"lenet5_hydra_tscnc_95_s{seed}"][-1] == (
+            f"--config.init_dir=w/lenet5_hydra_tscnc_99_s{seed}")
+        assert flags_of[f"lenet5_hydra_95_s{seed}"][-1] == (
+            f"--config.init_dir=w/lenet5_dense_s{seed}")
+        assert position[f"lenet5_dense_s{seed}"] < position[f"lenet5_hydra_95_s{seed}"]
+        assert (position[f"lenet5_hydra_tscnc_99_s{seed}"]
+                < position[f"lenet5_hydra_tscnc_95_s{seed}"])
     tscnc_95_s2 = flags_of["lenet5_hydra_tscnc_95_s2"]
     assert tscnc_95_s2[-1] == "--config.init_dir=w/lenet5_hydra_tscnc_99_s2"
     assert position["lenet5_dense_s2"] < position["lenet5_hydra_95_s2"]
