@@ -216,3 +216,21 @@ def test_splice_replaces_only_the_marked_block_and_is_idempotent(kept, tmp_path)
 def test_splice_rejects_documents_without_one_ordered_marker_pair(doc):
     with pytest.raises(ValueError, match="report:tables"):
         report.splice(doc, "# t\n\n## Every run\n\n| a |\n")
+
+
+def test_by_seed_lays_out_each_seed_only_where_some_method_has_three(tmp_path):
+    rows = [("hydra", 0.95, seed, acc) for seed, acc in enumerate((0.44, 0.45, 0.43))]
+    rows += [("hydra_tscnc", 0.95, 0, 0.58), ("hydra_tscnc", 0.95, 3, 0.59),
+             ("hydra", 0.99, 0, 0.30), ("hydra", 0.99, 1, 0.31)]  # 99 %: two seeds only
+    for i, (method, target, seed, ens) in enumerate(rows):
+        _write(tmp_path, f"run{i}", _summary(method, target, seed, ens, 1.0, 10.0))
+    _write(tmp_path, "dense", _summary("dense_trades", 0.0, 0, 0.6, 1.0, 10.0, ("dense",)))
+    records = report.load(tmp_path)
+    (setting,) = report.by_seed(records)
+    assert (setting["target"], setting["seeds"]) == (0.95, [0, 1, 2, 3])
+    assert setting["methods"] == {"hydra": {0: 0.44, 1: 0.45, 2: 0.43},
+                                  "hydra_tscnc": {0: 0.58, 3: 0.59}}
+    assert report.by_seed(records, min_seeds=2)[1]["target"] == 0.99
+    text = report.tables(records)
+    assert "| hydra_tscnc | 58.00 | - | - | 59.00 |" in text
+    assert "| hydra | 44.00 | 45.00 | 43.00 | - |" in text
