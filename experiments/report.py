@@ -156,7 +156,9 @@ def aggregate(records: list[Record]) -> list[dict]:
                   "log10_lipschitz_bound", "local_lipschitz"):
             v = np.array([getattr(r, f) for r in rs], np.float64)
             row[f] = float(v.mean())
-            row[f + "_std"] = float(v.std(ddof=1)) if len(v) > 1 else math.nan
+            # No spread for one seed, nor around an infinite mean (a rank-deficient kernel).
+            finite = len(v) > 1 and bool(np.isfinite(v).all())
+            row[f + "_std"] = float(v.std(ddof=1)) if finite else math.nan
         out.append(row)
     return out
 

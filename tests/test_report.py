@@ -234,3 +234,12 @@ def test_by_seed_lays_out_each_seed_only_where_some_method_has_three(tmp_path):
     text = report.tables(records)
     assert "| hydra_tscnc | 58.00 | - | - | 59.00 |" in text
     assert "| hydra | 44.00 | 45.00 | 43.00 | - |" in text
+
+
+def test_an_infinite_kappa_gives_an_infinite_mean_and_no_spread(tmp_path):
+    for i, live in enumerate((math.inf, 1.0)):
+        _write(tmp_path, f"run{i}", _summary("hydra", 0.99, i, 0.3, live, 10.0))
+    with np.errstate(invalid="raise"):
+        (row,) = report.aggregate(report.load(tmp_path))
+    assert row["log10_live_kappa"] == math.inf and math.isnan(row["log10_live_kappa_std"])
+    np.testing.assert_allclose(row["ensemble_std"], 0.0, atol=1e-15)
