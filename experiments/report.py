@@ -282,13 +282,13 @@ def by_seed(records: list[Record], min_seeds: int = 3) -> list[dict]:
 
 
 def _by_seed_table(records: list[Record]) -> list[str]:
-    out = []
-    for s in by_seed(records):
-        if not out:
-            out = ["", "## Ensemble robust accuracy by seed", "",
-                   "Every method's ensemble robust accuracy (%) seed by seed, at each model, loss "
-                   "and target sparsity that some method ran with three seeds or more (-: not "
-                   "run)."]
+    settings_by_seed = by_seed(records)
+    if not settings_by_seed:
+        return []
+    out = ["", "## Ensemble robust accuracy by seed", "",
+           "Every method's ensemble robust accuracy (%) seed by seed, at each model, loss and "
+           "target sparsity that some method ran with three seeds or more (-: not run)."]
+    for s in settings_by_seed:
         out += ["", f"{s['model']}, {s['loss']}, {_pct(s['target'])} %:", "",
                 "| method | " + " | ".join(f"seed {seed}" for seed in s["seeds"]) + " |",
                 "|---|" + "---:|" * len(s["seeds"])]

@@ -186,20 +186,25 @@ def plan() -> list[Run]:
             dense = None if sparsity == 0.99 else f"lenet5_{method}_99_s{seed}"
         return _pruned(method, sparsity, seed, dense, lenet, prefix="lenet5_")
 
+    def lenet_dense(seed):
+        return Run(f"lenet5_dense_s{seed}", "dense_trades", (("seed", str(seed)), *lenet))
+
+    def lenet_seed(seed):  # a further seed: dense, then both methods at 99 and 95 %
+        return [lenet_dense(seed), lenet_run("hydra_tscnc", 0.99, seed),
+                lenet_run("hydra_tscnc", 0.95, seed), lenet_run("hydra", 0.95, seed),
+                lenet_run("hydra", 0.99, seed)]
+
     for seed in (0, 1):
-        runs.append(Run(f"lenet5_dense_s{seed}", "dense_trades", (("seed", str(seed)), *lenet)))
+        runs.append(lenet_dense(seed))
         runs += [lenet_run(m, 0.99, seed) for m in LENET_METHODS]
     runs += [lenet_run(m, sp, 0) for sp in (0.9, 0.95) for m in LENET_METHODS]
     # TSCNC's one large gain (95 %, seed 0) checked on a second seed, then on a third (whose
     # penalised dense stage comes from its 99 % run, which thereby adds a third 99 % pair).
     runs += [lenet_run(m, 0.95, 1) for m in LENET_METHODS]
-    runs.append(Run("lenet5_dense_s2", "dense_trades", (("seed", "2"), *lenet)))
+    runs.append(lenet_dense(2))
     runs += [lenet_run("hydra", 0.95, 2), lenet_run("hydra_tscnc", 0.99, 2),
              lenet_run("hydra_tscnc", 0.95, 2), lenet_run("hydra", 0.99, 2)]
-    # A fourth seed at 95 % (and so a fourth 99 % pair).
-    runs.append(Run("lenet5_dense_s3", "dense_trades", (("seed", "3"), *lenet)))
-    runs += [lenet_run("hydra_tscnc", 0.99, 3), lenet_run("hydra_tscnc", 0.95, 3),
-             lenet_run("hydra", 0.95, 3), lenet_run("hydra", 0.99, 3)]
+    runs += lenet_seed(3)  # a fourth seed at 95 % (and so a fourth 99 % pair)
     # Which stage carries that gain: each pipeline's pruning and fine-tuning from the other's
     # dense model (a 2 x 2 with lenet5_hydra_95 and lenet5_hydra_tscnc_95), the seeds where
     # TSCNC gained first. The method name (config.name) says which dense model it started from.
@@ -216,10 +221,8 @@ def plan() -> list[Run]:
     # which seed gets it?
     for seed in (1, 3):
         runs += [lenet_run("hydra_cnc", sp, seed) for sp in (0.99, 0.95)]
-    # A fifth seed of the two methods, as seed 3: how often does each reach the robust outcome?
-    runs.append(Run("lenet5_dense_s4", "dense_trades", (("seed", "4"), *lenet)))
-    runs += [lenet_run("hydra_tscnc", 0.99, 4), lenet_run("hydra_tscnc", 0.95, 4),
-             lenet_run("hydra", 0.95, 4), lenet_run("hydra", 0.99, 4)]
+    # A fifth seed of the two methods: how often does each reach the robust outcome?
+    runs += lenet_seed(4)
     return runs
 
 
