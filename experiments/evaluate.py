@@ -18,7 +18,8 @@ first missing chunk. When every chunk is there, the totals go to ``<workdir>/sta
 and, with ``--summaries``, to ``<summaries>/<run>/standard.json``, where
 :mod:`experiments.report` reads them in place of the run's own standard-ensemble numbers.
 Chunks are independent: two processes may share a run's chunks (``--first``/``--last`` select
-a range), each pinned to one core.
+a range), each pinned to one core; a chunk another process finished meanwhile is skipped (one
+being evaluated by both at once is done twice, with the same result).
 """
 
 from __future__ import annotations
@@ -140,8 +141,11 @@ def run(workdir: str | pathlib.Path, *, num: int | None = None, chunk: int = 500
         logits_fn = train.logits_function(config, trained.model, trained.state)
         x, y = train.test_arrays(trained.data, num)
         for s in todo:
+            path = out_dir / f"{s:06d}.json"
+            if path.exists():  # another process sharing this run's chunks finished it meanwhile
+                continue
             result = evaluate_chunk(config, logits_fn, x[s:s + chunk], y[s:s + chunk], s)
-            train._write_atomic(out_dir / f"{s:06d}.json", json.dumps(result))
+            train._write_atomic(path, json.dumps(result))
             logging.warning("%s: images %d-%d, standard ensemble %.2f %% in %.0f s", workdir,
                             s, s + result["num"] - 1,
                             100 * np.mean(np.asarray(result["clean_correct"], bool)

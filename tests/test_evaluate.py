@@ -95,3 +95,33 @@ def test_chunks_reproduce_the_run_resume_and_feed_the_report(tmp_path):
     (record,) = report.load(tmp_path / "kept")
     assert record.num_standard == 64 and record.standard == totals["standard_ensemble_acc"]
     assert record.fast_on_standard_subset == summary["ensemble_acc"]
+
+
+def test_a_chunk_another_process_finished_meanwhile_is_skipped(tmp_path, monkeypatch):
+    config = importlib.import_module("experiments.configs.hydra").get_config("smoke")
+    (tmp_path / "summary.json").write_text(json.dumps(
+        {"config": config.to_dict(), "num_test": 24, "evaluated_step": 3, "clean_acc": 1.0}))
+
+    class _State:
+        step = 3
+
+    class _Trained:
+        state, model, data = _State(), None, None
+
+    monkeypatch.setattr(train, "restore", lambda config, workdir: _Trained())
+    monkeypatch.setattr(train, "logits_function", lambda config, model, state: None)
+    monkeypatch.setattr(train, "test_arrays",
+                        lambda data, num: (np.zeros((num, 28, 28, 1)), np.zeros(num, int)))
+    evaluated = []
+
+    def fake_chunk(config, logits_fn, x, y, start):
+        evaluated.append(start)
+        if start == 0:  # meanwhile, a second process finishes the last chunk
+            (tmp_path / "standard" / "000016.json").write_text(
+                json.dumps(_chunk(16, [1] * 8, [-1] * 8)))
+        return _chunk(start, [1] * len(y), [-1] * len(y))
+
+    monkeypatch.setattr(evaluate, "evaluate_chunk", fake_chunk)
+    totals = evaluate.run(tmp_path, chunk=8)
+    assert evaluated == [0, 8]
+    assert totals["chunk_starts"] == [0, 8, 16] and totals["standard_ensemble_acc"] == 1.0
