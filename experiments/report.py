@@ -74,6 +74,8 @@ class Record:
     num_standard: int = 0
     num_test: int = 0
     live_kappa: tuple[tuple[str, float], ...] = ()  # per kernel, in the summary's order
+    # per kernel, (rows, columns) of its live part: the inputs and outputs with a nonzero weight
+    live_shape: tuple[tuple[str, tuple[int, int]], ...] = ()
     # The run whose finished dense stage this one pruned (config.init_dir's last part; "" when
     # it trained its own), and the per-kernel kappa of the dense model it started from: the
     # pruned run's "dense_kappa", or a dense-only run's own "kappa".
@@ -105,6 +107,8 @@ def _record(run: str, s: dict) -> Record:
                       s.get("fast_ensemble_acc_on_standard_subset", math.nan)),
                   num_standard=int(s.get("num_standard", 0)), num_test=int(s["num_test"]),
                   live_kappa=tuple((k, float(v)) for k, v in s.get("live_kappa", {}).items()),
+                  live_shape=tuple((k, (int(v[0]), int(v[1])))
+                                   for k, v in s.get("live_shape", {}).items()),
                   dense_from=(pathlib.PurePath(c["init_dir"]).name
                               if c.get("init_dir") and "dense" not in stages else ""),
                   dense_kappa=tuple((k, float(v)) for k, v in (dense_kappa or {}).items()))
@@ -298,6 +302,42 @@ def _by_seed_table(records: list[Record]) -> list[str]:
     return out
 
 
+def live_shapes(records: list[Record], min_seeds: int = 5) -> list[dict]:
+    """What pruning left of each kernel, at every model, loss and target sparsity where some
+    method ran ``min_seeds`` seeds or more (as :func:`by_seed`): per such setting, its pruned
+    runs that recorded their live shapes, most robust (ensemble) first."""
+    keep = {(s["model"], s["loss"], s["target"]) for s in by_seed(records, min_seeds)}
+    groups = defaultdict(list)
+    for r in records:
+        if (r.model, r.loss, r.target) in keep and r.live_shape:
+            groups[(r.model, r.loss, r.target)].append(r)
+    return [{"model": model, "loss": loss, "target": target,
+             "runs": sorted(rs, key=lambda r: (-r.ensemble, r.run))}
+            for (model, loss, target), rs in sorted(groups.items())]
+
+
+def _live_shape_table(records: list[Record]) -> list[str]:
+    settings_shapes = live_shapes(records)
+    if not settings_shapes:
+        return []
+    out = ["", "## What pruning left of each kernel", "",
+           "At each model, loss and target sparsity that some method ran with five seeds or "
+           "more: every pruned run, most robust first, with each kernel's live shape (input "
+           "rows x output columns that keep a nonzero weight; a convolution's rows are its "
+           "kernel positions times input channels)."]
+    for s in settings_shapes:
+        layers = list(dict.fromkeys(k for r in s["runs"] for k, _ in r.live_shape))
+        short = [k.replace("/kernel", "").replace("params/", "") for k in layers]
+        out += ["", f"{s['model']}, {s['loss']}, {_pct(s['target'])} %:", "",
+                "| run | method | seed | ensemble | " + " | ".join(short) + " |",
+                "|---|---|---:|---:|" + "---:|" * len(layers)]
+        for r in s["runs"]:
+            d = dict(r.live_shape)
+            out.append(f"| {r.run} | {r.method} | {r.seed} | {_pct(r.ensemble)} | " + " | ".join(
+                f"{d[k][0]} x {d[k][1]}" if k in d else "-" for k in layers) + " |")
+    return out
+
+
 # The crossed-stage ablation (experiments.study.CROSSED): the method name of each pair of a
 # dense model (plain TRADES or HYDRA + TSCNC's penalised one) and a pruning + fine-tuning
 # pipeline (HYDRA's or HYDRA + TSCNC's).
@@ -465,6 +505,7 @@ def tables(records: list[Record]) -> str:
                          f"{diffs[1]} |")
     lines += _by_seed_table(records)
     lines += _crossed_table(records)
+    lines += _live_shape_table(records)
     lines += _layer_table(records)
     repro = dense_reproduction(records)
     if repro:

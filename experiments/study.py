@@ -43,7 +43,7 @@ Fashion-MNIST, small CNN, eps 0.1, TRADES (each config's full recipe unless ``--
    TSCNC's pruning and penalised fine-tuning of the plain dense model
    (``hydra_tscnc_from_plain_dense``), seeds 0, 2, 1 and 3; then which penalty: HYDRA + CNC and
    HYDRA + TSC on LeNet-5 at 99 and 95 % (seeds 0 and 2), then HYDRA + CNC in seeds 1 and 3;
-7. a fifth LeNet-5 seed: dense, HYDRA + TSCNC and HYDRA at 99 and 95 %.
+7. LeNet-5 seeds 4, 5 and 6: dense, HYDRA + TSCNC and HYDRA at 99 and 95 %.
 
 The standard ensemble on all of a finished run's test images, afterwards and resumably:
 ``python -m experiments.evaluate --workdir=runs/study/<run> --summaries=docs/results/study``
@@ -221,8 +221,10 @@ def plan() -> list[Run]:
     # which seed gets it?
     for seed in (1, 3):
         runs += [lenet_run("hydra_cnc", sp, seed) for sp in (0.99, 0.95)]
-    # A fifth seed of the two methods: how often does each reach the robust outcome?
-    runs += lenet_seed(4)
+    # Further seeds of the two methods: how often does each reach the robust outcome, and do
+    # the live input rows of the second convolution after pruning predict which it reaches?
+    for seed in (4, 5, 6):
+        runs += lenet_seed(seed)
     return runs
 
 

@@ -243,3 +243,26 @@ def test_an_infinite_kappa_gives_an_infinite_mean_and_no_spread(tmp_path):
         (row,) = report.aggregate(report.load(tmp_path))
     assert row["log10_live_kappa"] == math.inf and math.isnan(row["log10_live_kappa_std"])
     np.testing.assert_allclose(row["ensemble_std"], 0.0, atol=1e-15)
+
+
+def test_live_shapes_list_each_run_most_robust_first_where_five_seeds_ran(tmp_path):
+    rows = [("hydra", 0.95, seed, acc, rows_left)
+            for seed, (acc, rows_left) in enumerate(((0.44, 30), (0.60, 56), (0.43, 25),
+                                                     (0.45, 38), (0.46, 33)))]
+    rows += [("hydra_tscnc", 0.95, 0, 0.58, 70), ("hydra", 0.99, 0, 0.30, 9)]  # 99 %: one seed
+    for i, (method, target, seed, ens, rows_left) in enumerate(rows):
+        s = _summary(method, target, seed, ens, 1.0, 10.0)
+        s["live_shape"] = {"Conv_0/kernel": [9, 4], "Conv_1/kernel": [rows_left, 11]}
+        _write(tmp_path, f"run{i}", s)
+    _write(tmp_path, "old", _summary("hydra_tsc", 0.95, 1, 0.5, 1.0, 10.0))  # no live_shape
+    records = report.load(tmp_path)
+    (setting,) = report.live_shapes(records)
+    assert setting["target"] == 0.95
+    assert [r.run for r in setting["runs"]] == [
+        "run1", "run5", "run4", "run3", "run0", "run2"]
+    assert dict(setting["runs"][0].live_shape)["Conv_1/kernel"] == (56, 11)
+    assert report.live_shapes(records, min_seeds=6) == []
+    text = report.tables(records)
+    assert "| run1 | hydra | 1 | 60.00 | 9 x 4 | 56 x 11 |" in text
+    section = text.split("## What pruning left of each kernel")[1].split("##")[0]
+    assert "| run6 |" not in section and "| old |" not in section

@@ -62,11 +62,11 @@ def test_plan_covers_the_study_and_orders_dense_runs_first():
         for m in study.LENET_METHODS:
             assert f"lenet5_{m}_{sp}_s0" in position
     assert {"lenet5_hydra_99_s1", "lenet5_hydra_tscnc_99_s1"} <= set(position)
-    # Five seeds at 95 %; seeds 2-4's penalised 95 % runs prune their own 99 % run's dense
+    # Seven seeds at 95 %; seeds 2-6's penalised 95 % runs prune their own 99 % run's dense
     # stage, which comes before them.
-    assert {f"lenet5_{m}_95_s{s}" for m in ("hydra", "hydra_tscnc") for s in range(5)} <= set(
+    assert {f"lenet5_{m}_95_s{s}" for m in ("hydra", "hydra_tscnc") for s in range(7)} <= set(
         position)
-    for seed in (3, 4):
+    for seed in (3, 4, 5, 6):
         assert flags_of[f"lenet5_hydra_tscnc_95_s{seed}"][-1] == (
             f"--config.init_dir=w/lenet5_hydra_tscnc_99_s{seed}")
         assert flags_of[f"lenet5_hydra_95_s{seed}"][-1] == (
