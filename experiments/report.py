@@ -316,6 +316,13 @@ def live_shapes(records: list[Record], min_seeds: int = 5) -> list[dict]:
             for (model, loss, target), rs in sorted(groups.items())]
 
 
+def _kernel_columns(per_run) -> tuple[list[str], list[str]]:
+    """Every kernel named in ``per_run`` (one ``((kernel, value), ...)`` per run), in first-seen
+    order, and its short column label."""
+    layers = list(dict.fromkeys(k for pairs in per_run for k, _ in pairs))
+    return layers, [k.replace("/kernel", "").replace("params/", "") for k in layers]
+
+
 def _live_shape_table(records: list[Record]) -> list[str]:
     settings_shapes = live_shapes(records)
     if not settings_shapes:
@@ -326,8 +333,7 @@ def _live_shape_table(records: list[Record]) -> list[str]:
            "rows x output columns that keep a nonzero weight; a convolution's rows are its "
            "kernel positions times input channels)."]
     for s in settings_shapes:
-        layers = list(dict.fromkeys(k for r in s["runs"] for k, _ in r.live_shape))
-        short = [k.replace("/kernel", "").replace("params/", "") for k in layers]
+        layers, short = _kernel_columns(r.live_shape for r in s["runs"])
         out += ["", f"{s['model']}, {s['loss']}, {_pct(s['target'])} %:", "",
                 "| run | method | seed | ensemble | " + " | ".join(short) + " |",
                 "|---|---|---:|---:|" + "---:|" * len(layers)]
@@ -527,8 +533,7 @@ def _layer_table(records: list[Record]) -> list[str]:
     rows = [r for r in records if r.live_kappa and r.target > 0]
     if not rows:
         return []
-    layers = list(dict.fromkeys(k for r in rows for k, _ in r.live_kappa))
-    short = [k.replace("/kernel", "").replace("params/", "") for k in layers]
+    layers, short = _kernel_columns(r.live_kappa for r in rows)
     out = ["", "## Per-kernel log10 live kappa (pruned runs)", "",
            "| run | " + " | ".join(short) + " |", "|---|" + "---:|" * len(layers)]
     for r in rows:

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import types
 
 import numpy as np
 import pytest
@@ -102,13 +103,8 @@ def test_a_chunk_another_process_finished_meanwhile_is_skipped(tmp_path, monkeyp
     (tmp_path / "summary.json").write_text(json.dumps(
         {"config": config.to_dict(), "num_test": 24, "evaluated_step": 3, "clean_acc": 1.0}))
 
-    class _State:
-        step = 3
-
-    class _Trained:
-        state, model, data = _State(), None, None
-
-    monkeypatch.setattr(train, "restore", lambda config, workdir: _Trained())
+    trained = types.SimpleNamespace(state=types.SimpleNamespace(step=3), model=None, data=None)
+    monkeypatch.setattr(train, "restore", lambda config, workdir: trained)
     monkeypatch.setattr(train, "logits_function", lambda config, model, state: None)
     monkeypatch.setattr(train, "test_arrays",
                         lambda data, num: (np.zeros((num, 28, 28, 1)), np.zeros(num, int)))
