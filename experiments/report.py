@@ -62,7 +62,7 @@ class Record:
     clean: float
     pgd: float
     ensemble: float
-    log10_kappa: float  # median over kernels, may be inf
+    log10_kappa: float  # median over kernels of the whole kernels' kappa, may be inf
     log10_live_kappa: float  # median over kernels of the live parts
     log10_lipschitz_bound: float
     local_lipschitz: float
@@ -81,6 +81,13 @@ class Record:
     # pruned run's "dense_kappa", or a dense-only run's own "kappa".
     dense_from: str = ""
     dense_kappa: tuple[tuple[str, float], ...] = ()
+    # Live kappa of each stride-1 convolution's circular operator (newer summaries only), the
+    # same for the dense model a pruned run started from, and the fraction of kernel weights
+    # below 1e-3 (of all, and of the non-zero ones).
+    operator_kappa: tuple[tuple[str, float], ...] = ()
+    dense_operator_kappa: tuple[tuple[str, float], ...] = ()
+    weights_below: float = math.nan
+    nonzero_weights_below: float = math.nan
 
     @property
     def group(self) -> tuple[str, str, str]:
@@ -94,11 +101,14 @@ def _record(run: str, s: dict) -> Record:
     dense_kappa = s.get("dense_kappa") if pruned else s.get("kappa")
     pgd = next(v for k, v in s.items() if k.startswith("pgd") and k.endswith("_acc"))
     live = s.get("median_log10_live_kappa", s["median_log10_kappa"])
+    # Summaries that say kappa_definition="live" keep the whole kernels' kappa as full_kappa.
+    full = s.get("median_log10_full_kappa", s["median_log10_kappa"])
+    dense_operator = s.get("dense_operator_kappa") if pruned else s.get("operator_kappa")
     return Record(run=run, method=c["name"], model=c["model"]["name"], loss=c["loss"],
                   target=float(c["prune"]["sparsity"]) if pruned else 0.0, seed=int(c["seed"]),
                   sparsity=float(s["sparsity"]), clean=float(s["clean_acc"]), pgd=float(pgd),
                   ensemble=float(s["ensemble_acc"]),
-                  log10_kappa=float(s["median_log10_kappa"]), log10_live_kappa=float(live),
+                  log10_kappa=float(full), log10_live_kappa=float(live),
                   log10_lipschitz_bound=math.log10(max(s["lipschitz_upper_bound"], 1e-300)),
                   local_lipschitz=float(s.get("local_lipschitz_mean", math.nan)),
                   wall_seconds=float(s.get("wall_seconds", math.nan)),
@@ -111,7 +121,13 @@ def _record(run: str, s: dict) -> Record:
                                    for k, v in s.get("live_shape", {}).items()),
                   dense_from=(pathlib.PurePath(c["init_dir"]).name
                               if c.get("init_dir") and "dense" not in stages else ""),
-                  dense_kappa=tuple((k, float(v)) for k, v in (dense_kappa or {}).items()))
+                  dense_kappa=tuple((k, float(v)) for k, v in (dense_kappa or {}).items()),
+                  operator_kappa=tuple((k, float(v))
+                                       for k, v in s.get("operator_kappa", {}).items()),
+                  dense_operator_kappa=tuple((k, float(v))
+                                             for k, v in (dense_operator or {}).items()),
+                  weights_below=float(s.get("weights_below_1e-3", math.nan)),
+                  nonzero_weights_below=float(s.get("nonzero_weights_below_1e-3", math.nan)))
 
 
 def with_standard(summary: dict, standard: dict) -> dict:

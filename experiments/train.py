@@ -39,6 +39,7 @@ import optax
 import tscnc_jax as tj
 from experiments import checkpoints, plots, tensorboard
 from experiments import data as data_lib
+from tscnc_jax import models as tj_models
 from tscnc_jax import spectral, training
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,8 @@ def _penalty_kwargs(config, params) -> tuple[dict, dict]:
         raise ValueError(f"config.penalty.cnc_layers must be 'all' or 'classifier', "
                          f"got {p.cnc_layers!r}.")
     cnc = {"temperature": p.temperature, "delta": p.delta, "form": p.cnc_form,
-           "filter_fn": filter_fn, "reduce": p.reduce}
-    tsc = {"a": p.a, "eps": p.tsc_eps, "normalize": p.normalize}
+           "filter_fn": filter_fn, "reduce": p.reduce, "live": p.live}
+    tsc = {"a": p.a, "eps": p.tsc_eps, "reduce": p.tsc_reduce}
     return cnc, tsc
 
 
@@ -411,25 +412,67 @@ def _finetune_stage(config, workdir, model, data, params, batch_stats, masks) ->
 # ----------------------------------------------------------------------------------------------
 
 
-def spectral_report(params, masks=None) -> dict:
-    """Per-layer kappa (float64) of the (pruned) kernels, and the product of sigma_max."""
+def spectral_report(params, masks=None, conv_inputs: dict | None = None) -> dict:
+    """Per-layer condition numbers (float64) of the (pruned) kernels, and the product of sigma_max.
+
+    ``kappa`` is each kernel's *live* condition number: the all-zero rows and columns a pruned
+    kernel has (dead inputs, dead units) are dropped first, since their singular values are zero
+    by structure (``spectral.tree_live_condition_numbers``); ``full_kappa`` is the whole
+    matrix's, infinite wherever such a row or column exists. Dense kernels have none, so both
+    agree there. ``live_kappa`` repeats ``kappa`` under the name older summaries used.
+    ``operator_kappa`` is, for each stride-1 convolution in ``conv_inputs``
+    (``models.conv_input_shapes``), the live condition number of its circularly padded operator
+    on the layer's input grid (``spectral.host_conv_operator_condition_number``). The weight
+    fractions count kernel entries with ``|w| < 1e-3``, of all and of the non-zero ones.
+    """
     spectra = spectral.tree_singular_values(params, masks)  # one SVD per kernel
-    kappas = {name: spectral.host_condition_number(s, shape)
-              for name, (s, shape) in spectra.items()}
+    full = {name: spectral.host_condition_number(s, shape) for name, (s, shape) in spectra.items()}
     sigma_max = {name: float(s[0]) for name, (s, _) in spectra.items()}
-    log10 = np.log10(np.array(list(kappas.values()), np.float64))
-    # Finite where pruning left all-zero rows / columns (dead inputs, dead units): kappa of what
-    # is left of each kernel, and how much is left.
     live = spectral.tree_live_condition_numbers(params, masks)
-    live_log10 = np.log10(np.array([v["kappa"] for v in live.values()], np.float64))
-    return {"kappa": kappas, "sigma_max": sigma_max,
-            "median_log10_kappa": float(np.median(log10)),
-            "max_log10_kappa": float(np.max(log10)),
-            "live_kappa": {k: v["kappa"] for k, v in live.items()},
-            "live_shape": {k: [v["live_rows"], v["live_cols"]] for k, v in live.items()},
-            "median_log10_live_kappa": float(np.median(live_log10)),
-            "max_log10_live_kappa": float(np.max(live_log10)),
-            "lipschitz_upper_bound": float(np.prod(list(sigma_max.values())))}
+    kappa = {k: v["kappa"] for k, v in live.items()}
+
+    def log10(values):
+        return np.log10(np.array(list(values), np.float64))
+
+    report = {"kappa_definition": "live", "kappa": kappa, "full_kappa": full,
+              "sigma_max": sigma_max,
+              "median_log10_kappa": float(np.median(log10(kappa.values()))),
+              "max_log10_kappa": float(np.max(log10(kappa.values()))),
+              "median_log10_full_kappa": float(np.median(log10(full.values()))),
+              "max_log10_full_kappa": float(np.max(log10(full.values()))),
+              "live_kappa": kappa,
+              "live_shape": {k: [v["live_rows"], v["live_cols"]] for k, v in live.items()},
+              "live_rank": {k: v["live_rank"] for k, v in live.items()},
+              "median_log10_live_kappa": float(np.median(log10(kappa.values()))),
+              "max_log10_live_kappa": float(np.max(log10(kappa.values()))),
+              "lipschitz_upper_bound": float(np.prod(list(sigma_max.values())))}
+    weights = [np.abs(np.asarray(jax.device_get(w), np.float64)
+                      * (1.0 if m is None else np.asarray(jax.device_get(m), np.float64))).ravel()
+               for _, w, m in tj.named_leaves(params, masks)]
+    w = np.concatenate(weights) if weights else np.zeros(0)
+    report["weights_below_1e-3"] = float(np.mean(w < 1e-3)) if w.size else float("nan")
+    nonzero = w[w != 0]
+    report["nonzero_weights_below_1e-3"] = (float(np.mean(nonzero < 1e-3)) if nonzero.size
+                                            else float("nan"))
+    operator = {}
+    flat = {name: (leaf, m) for name, leaf, m in tj.named_leaves(params, masks)}
+    for name, where in (conv_inputs or {}).items():
+        if name in flat and tuple(where["strides"]) == (1, 1):
+            leaf, m = flat[name]
+            operator[name] = spectral.host_conv_operator_condition_number(
+                leaf, where["input"][:2], m)["kappa"]
+    if operator:
+        report["operator_kappa"] = operator
+        report["median_log10_operator_kappa"] = float(np.median(log10(operator.values())))
+    return report
+
+
+def conv_inputs(model, state: tj.TrainState, data) -> dict:
+    """Each convolution's input grid, strides and padding (``models.conv_input_shapes``)."""
+    variables = {"params": state.params}
+    if jax.tree.leaves(state.batch_stats):
+        variables["batch_stats"] = state.batch_stats
+    return tj_models.conv_input_shapes(model, variables, data.train_images.shape[1:])
 
 
 def evaluated_params(config, state: tj.TrainState):
@@ -514,7 +557,7 @@ def final_evaluation(config, model, state: tj.TrainState, data, masks=None) -> d
         "eval_seconds": time.time() - t0,
         **standard,
     }
-    result.update(spectral_report(params, masks))
+    result.update(spectral_report(params, masks, conv_inputs(model, state, data)))
     return result
 
 
@@ -558,7 +601,8 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
                           optimizer=False)
     masks, before = None, None
     if "prune" in stages or "finetune" in stages:
-        before = spectral_report(evaluated_params(config, state))
+        before = spectral_report(evaluated_params(config, state),
+                                 conv_inputs=conv_inputs(model, state, data))
         params, batch_stats, masks = _prune_stage(
             config, dirs["prune"], model, data, state, run="prune" in stages)
         state = state._replace(params=tj.apply_masks(params, masks),
@@ -608,6 +652,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if before is not None:
         summary["dense_kappa"] = before["kappa"]
         summary["dense_sigma_max"] = before["sigma_max"]
+        summary["dense_weights_below_1e-3"] = before["weights_below_1e-3"]
+        if "operator_kappa" in before:
+            summary["dense_operator_kappa"] = before["operator_kappa"]
     summary["wall_seconds"] = time.time() - t0
     _write_atomic(workdir / "summary.json", json.dumps(summary, indent=2, default=str))
     _write_atomic(workdir / "results.md", results_markdown([summary]))

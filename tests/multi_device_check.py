@@ -1,4 +1,4 @@
-"""Runs 5 training steps on 1 device and on all (fake CPU) devices, and prints the differences.
+"""Compares 5 training steps on 1 device and on all (fake CPU) devices; prints the differences.
 
 Run in a fresh process with ``XLA_FLAGS=$(tscnc_jax.parallel.cpu_multi_device_flags(N))``
 (``tests/test_parallel.py`` does). Prints one JSON line:
@@ -58,33 +58,51 @@ def main() -> None:
                 "label": rng.integers(0, 10, 8).astype(np.int32)} for _ in range(STEPS)]
     attack = training.default_attack(LOSS, eps=0.1, steps=2)
 
-    def run(backend):
+    def stepper(backend):
         model = model_single if backend is None else model_multi
         step = training.make_train_step(model, tx, loss=LOSS, attack=attack, beta=6.0,
                                         axis_name=None if backend is None else AXIS)
         if backend is None:
-            fn, state = jax.jit(step), state0
-        else:
-            fn = parallel.data_parallel(step, axis_name=AXIS, backend=backend)
-            state = parallel.replicate(state0, n) if backend == "pmap" else state0
-        for batch in batches:
-            state, metrics = fn(state, batch)
-        if backend == "pmap":
-            state, metrics = parallel.unreplicate(state), parallel.unreplicate(metrics)
-        return jax.device_get(state), jax.device_get(metrics)
+            return jax.jit(step)
+        fn = parallel.data_parallel(step, axis_name=AXIS, backend=backend)
+        if backend == "shard_map":
+            return fn
 
-    ref_state, ref_metrics = run(None)
+        def replicated(state, batch):
+            state, metrics = fn(parallel.replicate(state, n), batch)
+            return jax.device_get((parallel.unreplicate(state), parallel.unreplicate(metrics)))
+
+        return replicated
+
+    # The single-device trajectory, then each backend's step from every state on it: one step
+    # at a time, because the attacks step along sign(gradient), and along a trajectory a
+    # gradient coordinate that is zero up to rounding (an input pixel a pruned network barely
+    # reads) can flip sign with the reduction order and move the iterates by a whole step.
+    single = stepper(None)
+    states, ref = [state0], []
+    for batch in batches:
+        state, metrics = single(states[-1], batch)
+        states.append(jax.device_get(state))
+        ref.append(jax.device_get(metrics))
     out = {"devices": n}
+    trees = ("params", "batch_stats", "ema_params")
     for backend in ("shard_map", "pmap"):
-        state, metrics = run(backend)
-        trees = ("params", "batch_stats", "ema_params")
-        diff = max(
-            float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
-            for name in trees
-            for a, b in zip(jax.tree.leaves(getattr(ref_state, name)),
-                            jax.tree.leaves(getattr(state, name)), strict=True)
-        )
-        metric_diff = max(abs(float(ref_metrics[k]) - float(metrics[k])) for k in ref_metrics)
+        fn = stepper(backend)
+        diff = metric_diff = 0.0
+        for t, batch in enumerate(batches):
+            state, metrics = jax.device_get(fn(states[t], batch))
+            diff = max(diff, *(
+                float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64))))
+                for name in trees
+                for a, b in zip(jax.tree.leaves(getattr(states[t + 1], name)),
+                                jax.tree.leaves(getattr(state, name)), strict=True)))
+            metric_diff = max(metric_diff, *(abs(float(ref[t][k]) - float(metrics[k]))
+                                             for k in ref[t]))
+        # Pruned weights stay exactly zero along the backend's own trajectory.
+        state = state0
+        for batch in batches:
+            state, _ = fn(state, batch)
+        state = jax.device_get(state)
         revived = sum(
             int(np.sum((np.asarray(p) != 0) & ~np.asarray(m)))
             for p, m in zip(jax.tree.leaves(state.params),

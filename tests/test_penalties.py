@@ -73,8 +73,14 @@ class TestTreePenalties:
                                    rtol=1e-12)
         n = sum(k.size for k in kernels)
         np.testing.assert_allclose(
-            float(tj.transformed_sparsity_penalty(params, a=a, normalize=True)), ref / n,
+            float(tj.transformed_sparsity_penalty(params, a=a, reduce="mean")), ref / n,
             rtol=1e-12)
+        layer_mean = sum(np.mean((a + 1) * np.abs(k) / (a + np.abs(k))) for k in kernels)
+        np.testing.assert_allclose(
+            float(tj.transformed_sparsity_penalty(params, a=a, reduce="layer_mean")),
+            layer_mean, rtol=1e-12)
+        with pytest.raises(ValueError, match="reduce"):
+            tj.transformed_sparsity_penalty(params, a=a, reduce="max")
         # Biases and norm scales are excluded by default: changing them changes nothing.
         params["Conv_0"]["bias"] = params["Conv_0"]["bias"] * 100
         params["BatchNorm_0"]["scale"] = params["BatchNorm_0"]["scale"] * 100

@@ -114,17 +114,22 @@ class TestConvergence:
         shapes = {"tall": (256, 48), "wide": (48, 256), "conv": (3, 3, 16, 32)}
         params = {n: rng.standard_normal(shape) for n, shape in shapes.items()}
         masks = {n: random_mask(rng, shape, sparsity) for n, shape in shapes.items()}
-        vectors = _cold_start(st.init_tracked_vectors(params, k=3, masks=masks), seed=2)
-        vectors = jax.jit(lambda p, v: st.refine_tracked_vectors(
-            p, v, iterations=400, masks=masks))(params, vectors)
-        sigmas = st.tracked_singular_values(params, vectors, masks=masks)
-        for name in shapes:
-            s_ref = _svd(params[name] * masks[name])
-            top, bottom = sigmas[name]
-            np.testing.assert_allclose(top[0], s_ref[0], rtol=1e-5, err_msg=name)
-            # At 99 % the matrices are rank deficient (sigma_min = 0): absolute tolerance there.
-            np.testing.assert_allclose(bottom[0], s_ref[-1], rtol=1e-5, atol=1e-10 * s_ref[0],
-                                       err_msg=name)
+        for live in (True, False):
+            vectors = _cold_start(st.init_tracked_vectors(params, k=3, masks=masks, live=live),
+                                  seed=2)
+            vectors = jax.jit(lambda p, v, live=live: st.refine_tracked_vectors(
+                p, v, iterations=400, masks=masks, live=live))(params, vectors)
+            sigmas = st.tracked_singular_values(params, vectors, masks=masks)
+            for name in shapes:
+                m = np.asarray(params[name] * masks[name]).reshape(-1, shapes[name][-1])
+                if live:  # the live block: all-zero rows and columns dropped
+                    m = m[np.any(m != 0, axis=1)][:, np.any(m != 0, axis=0)]
+                s_ref = _svd(m)
+                top, bottom = sigmas[name]
+                np.testing.assert_allclose(top[0], s_ref[0], rtol=1e-5, err_msg=name)
+                # The full spectrum at 99 % is rank deficient (sigma_min = 0): absolute tolerance.
+                np.testing.assert_allclose(bottom[0], s_ref[-1], rtol=1e-5,
+                                           atol=1e-10 * s_ref[0], err_msg=(name, live))
         assert (sparsity < 0.95) == all(_svd(params[n] * masks[n])[-1] > 1e-6 for n in shapes)
 
     def test_float32_accuracy_and_lower_bound(self):
@@ -418,7 +423,14 @@ def test_degenerate_kernels_give_finite_values_and_gradients():
                                              filter_fn=lambda p, w: p not in k1)}
     assert float(lk["rank1"]) > np.log(1e4)  # numerically singular
     assert float(lk["identity"]) == pytest.approx(0.0, abs=1e-5)
-    assert float(lk["dead_unit"]) > np.log(1e4)
+    # The dead unit is a structural zero: the live kappa is that of the other 11 columns, the
+    # full-spectrum one (live=False) sees the zero.
+    s_live = _svd(np.delete(dead, 3, axis=1))
+    assert float(lk["dead_unit"]) == pytest.approx(np.log(s_live[0] / s_live[-1]), rel=1e-4)
+    only_dead = {"w": params["dead_unit"]}
+    full = st.tracked_log_condition_numbers(
+        only_dead, st.init_tracked_vectors(only_dead, k=2, live=False), live=False)
+    assert float(full["w"]) > np.log(1e4)
 
 
 def test_chain_and_sparsify_composition():
@@ -447,7 +459,7 @@ def test_chain_and_sparsify_composition():
         assert np.all(np.asarray(w)[~np.asarray(m)] == 0)
     # The logged value is the tracked penalty of the pruned kernels at the last update.
     cnc_state = state.inner_state[0]
-    assert isinstance(cnc_state, st.TrackedConditionNumberPenaltyState)
+    assert isinstance(cnc_state, tj.ConditionNumberPenaltyState)  # one CNC state type
     np.testing.assert_allclose(
         float(cnc_state.value),
         float(st.tracked_condition_number_penalty(tj.apply_masks(before, masks),

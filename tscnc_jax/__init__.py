@@ -84,6 +84,8 @@ from tscnc_jax.sparsity import (
 from tscnc_jax.spectral import (
     as_matrix,
     condition_number,
+    conv_operator_singular_values,
+    live_singular_value_count,
     log_det_condition_penalty,
     singular_values,
     smooth_log_condition_number,
@@ -91,7 +93,6 @@ from tscnc_jax.spectral import (
     tree_live_condition_numbers,
 )
 from tscnc_jax.spectral_tracking import (
-    TrackedConditionNumberPenaltyState,
     add_tracked_condition_number_penalty,
     tracked_condition_number_penalty,
 )
@@ -142,7 +143,6 @@ __all__ = [
     "RobustnessReport",
     "SparsityPenaltyState",
     "SparsitySummary",
-    "TrackedConditionNumberPenaltyState",
     "TrainState",
     "add_condition_number_penalty",
     "add_gated_sparsity_penalty",
@@ -162,6 +162,7 @@ __all__ = [
     "clamp_log_alpha_updates",
     "condition_number",
     "condition_number_penalty",
+    "conv_operator_singular_values",
     "create_model",
     "create_train_state",
     "cross_entropy_loss",
@@ -185,6 +186,7 @@ __all__ = [
     "kl_loss",
     "layerwise_channel_masks",
     "layerwise_magnitude_masks",
+    "live_singular_value_count",
     "local_lipschitz",
     "log_det_condition_penalty",
     "make_eval_step",

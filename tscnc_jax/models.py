@@ -424,6 +424,36 @@ _MODELS = {
 }
 
 
+def conv_input_shapes(model: nn.Module, variables: Any,
+                      input_shape: Sequence[int]) -> dict[str, dict[str, Any]]:
+    """Where each convolution of ``model`` runs: ``{kernel path: {"input", "strides",
+    "padding"}}``.
+
+    ``input`` is the layer input's ``(height, width, channels)`` for one ``input_shape`` image
+    (without batch axis), found by tracing ``model.apply`` on zeros (shapes only, nothing is
+    computed); ``strides`` and ``padding`` are the layer's. The operator-level spectra of
+    :func:`tscnc_jax.spectral.conv_operator_singular_values` need the input's grid. Paths are
+    those of ``variables["params"]`` (``"Conv_1/kernel"``). Covers :class:`Conv` and
+    ``flax.linen.Conv`` layers.
+    """
+    found: dict[str, dict[str, Any]] = {}
+
+    def record(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, (Conv, nn.Conv)) and args:
+            path = "/".join((*module.path, "kernel"))
+            strides = module.strides if module.strides is not None else (1, 1)
+            strides = (strides,) * 2 if isinstance(strides, int) else tuple(strides)
+            found[path] = {"input": tuple(int(d) for d in args[0].shape[1:]),
+                           "strides": strides, "padding": module.padding}
+        return next_fun(*args, **kwargs)
+
+    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v, xb: model.apply(v, xb, train=False), variables, x)
+    return found
+
+
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Builds a model by name (``mlp``, ``small_cnn``, ``lenet5``, ``vgg``, ``preact_resnet18``,
     ``wide_resnet``) with its keyword arguments; unknown names or arguments raise ``ValueError``."""

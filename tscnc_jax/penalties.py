@@ -17,19 +17,22 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from tscnc_jax import sparsity, spectral, tree_utils
+from tscnc_jax import defaults, sparsity, spectral, tree_utils
 
 Array = jax.Array
 
-#: Default temperature of the smooth log-condition-number surrogate.
-DEFAULT_TEMPERATURE = 0.1
+#: Default temperature of the smooth log-condition-number surrogate (:mod:`tscnc_jax.defaults`).
+DEFAULT_TEMPERATURE = defaults.CNC_TEMPERATURE
 #: Default singular-value shift ``delta`` (small against He-initialised ``sigma_max ~ 1``).
-DEFAULT_DELTA = 1e-3
+DEFAULT_DELTA = defaults.CNC_DELTA
+
+TSC_REDUCTIONS = ("sum", "layer_mean", "mean")
 
 
-def _check_reduce(reduce: str) -> None:
-    if reduce not in ("mean", "sum"):
-        raise ValueError(f"`reduce` must be 'mean' or 'sum', got {reduce!r}.")
+def check_reduce(reduce: str, choices: tuple[str, ...] = ("mean", "sum")) -> None:
+    """Raises ``ValueError`` unless ``reduce`` is one of ``choices``."""
+    if reduce not in choices:
+        raise ValueError(f"`reduce` must be one of {choices}, got {reduce!r}.")
 
 
 def condition_number_penalty(
@@ -41,7 +44,8 @@ def condition_number_penalty(
     eps: float | Array = 1e-5,
     filter_fn: tree_utils.FilterFn | None = None,
     masks: Any | None = None,
-    reduce: Literal["mean", "sum"] = "mean",
+    reduce: Literal["mean", "sum"] = defaults.CNC_REDUCE,
+    live: bool = True,
 ) -> Array:
     r"""Condition-number constraint (CNC) over the kernels of ``params``.
 
@@ -61,13 +65,16 @@ def condition_number_penalty(
       filter_fn: ``(path, leaf) -> bool`` choosing the kernels.
       masks: optional masks tree (``None`` leaves are not pruned).
       reduce: ``"mean"`` over the selected kernels (default, insensitive to depth) or ``"sum"``.
+      live: ``form="smooth"`` on each kernel's live spectrum (default; the singular values that
+        are zero by the pruned kernel's structure are left out, see
+        :func:`tscnc_jax.smooth_log_condition_number`). ``False``: the whole spectrum.
 
     Returns:
       A scalar (0 when no kernel is selected).
     """
     if form not in ("smooth", "log_det"):
         raise ValueError(f"`form` must be 'smooth' or 'log_det', got {form!r}.")
-    _check_reduce(reduce)
+    check_reduce(reduce)
     spectral.check_nonnegative("temperature", temperature, strict=True)
     spectral.check_nonnegative("delta", delta)
     spectral.check_nonnegative("eps", eps)
@@ -75,52 +82,70 @@ def condition_number_penalty(
     for _, kernel, mask in tree_utils.named_leaves(params, masks, filter_fn):
         if form == "smooth":
             term = spectral.smooth_log_condition_number(
-                kernel, temperature=temperature, delta=delta, mask=mask
+                kernel, temperature=temperature, delta=delta, mask=mask, live=live
             )
         else:
             term = spectral.log_det_condition_penalty(kernel, eps=eps, mask=mask)
         terms.append(term)
-    return _reduce(terms, reduce)
+    return reduce_terms(terms, reduce)
 
 
 def transformed_sparsity_penalty(
     params: Any,
     *,
-    a: float | Array,
+    a: float | Array = defaults.TSC_A,
     eps: float | Array = 0.0,
     filter_fn: tree_utils.FilterFn | None = None,
     masks: Any | None = None,
-    normalize: bool = False,
+    reduce: Literal["sum", "layer_mean", "mean"] = defaults.TSC_REDUCE,
 ) -> Array:
-    r"""Unstructured transformed sparse constraint (TSC): ``sum_kernels sum_ij rho_a(w_ij)``.
+    r"""Unstructured transformed sparse constraint (TSC) over the entries of the kernels.
 
     ``rho_a(x) = (a + 1) |x| / (a + |x|)`` (:func:`tscnc_jax.transformed_l1`), with ``|x|``
     smoothed to ``sqrt(x^2 + eps^2)`` when ``eps > 0``. Small ``a`` approaches the number of
     non-zero weights, large ``a`` the L1 norm.
+
+    **Scale.** With ``reduce="sum"`` (default), ``R = sum_kernels sum_ij rho_a(w_ij)`` and the
+    gradient a weight ``w`` receives from ``lambda * R`` is, for ``eps = 0``,
+
+        lambda * rho_a'(|w|) sign(w) = lambda * a (a + 1) / (a + |w|)^2 * sign(w),
+
+    an L1-like pull between ``lambda (a + 1) a / (a + 1)^2`` (at ``|w| = 1``) and ``lambda (a +
+    1) / a`` (at ``w -> 0``): ``2 lambda`` for the default ``a = 1`` and the ``|w| << 1`` of
+    trained kernels, the same for every weight of every layer. Weight decay ``wd`` gives ``wd *
+    w``: ``1.25e-5`` for ``wd = 5e-4`` and a typical ``|w| = 0.025``, so ``lambda ~ 1e-5`` is on
+    weight decay's scale. ``reduce="layer_mean"`` divides each kernel's sum by its size (a layer
+    of ``n`` weights gets ``lambda rho_a' / n`` per weight: small layers are pushed hardest),
+    ``reduce="mean"`` divides the total by the number of selected weights (``lambda rho_a' /
+    N``; with a 421k-weight network and ``lambda = 1e-3``, about ``5e-9`` per weight, 10^3-10^4
+    below weight decay: practically no effect).
 
     Args:
       params: a pytree of parameters.
       a: TL1 shape ``> 0``.
       eps: smoothing of ``|x|`` (``>= 0``).
       filter_fn: ``(path, leaf) -> bool`` choosing the kernels.
-      masks: optional masks tree; pruned entries contribute ``rho_a(0)``.
-      normalize: divide by the number of selected weights (a per-weight average in ``[0, a+1)``).
+      masks: optional masks tree; pruned entries contribute ``rho_a(0)`` and get no gradient.
+      reduce: ``"sum"``, ``"layer_mean"`` or ``"mean"`` (see Scale).
 
     Returns:
       A scalar (0 when no kernel is selected).
     """
     spectral.check_nonnegative("a", a, strict=True)
     spectral.check_nonnegative("eps", eps)
-    total, count = [], 0
+    check_reduce(reduce, TSC_REDUCTIONS)
+    terms, count = [], 0
     for _, kernel, mask in tree_utils.named_leaves(params, masks, filter_fn):
         w = spectral._masked(kernel, mask)
-        total.append(jnp.sum(sparsity.transformed_l1(w, a=a, eps=eps)))
+        layer = jnp.sum(sparsity.transformed_l1(w, a=a, eps=eps))
+        terms.append(layer / w.size if reduce == "layer_mean" else layer)
         count += w.size
-    value = _reduce(total, "sum")
-    return value / max(count, 1) if normalize else value
+    value = reduce_terms(terms, "sum")
+    return value / max(count, 1) if reduce == "mean" else value
 
 
-def _reduce(terms: list[Array], reduce: str) -> Array:
+def reduce_terms(terms: list[Array], reduce: str) -> Array:
+    """Stacks per-kernel scalars in one dtype and takes their mean or sum (0 when empty)."""
     if not terms:
         return jnp.zeros([], jnp.float32)
     dtype = jnp.result_type(*terms)
@@ -132,11 +157,11 @@ def gated_sparsity_penalty(
     params: Any,
     *,
     form: Literal["textbook", "authors_code"] = "textbook",
-    a: float = 100.0,
-    num_train: int = 50_000,
-    weight_decay: float = 5e-4,
-    lambda0: float = 1e-3,
-    prior_keep: float = 0.7,
+    a: float = defaults.GATED_A,
+    num_train: int = defaults.GATED_NUM_TRAIN,
+    weight_decay: float = defaults.GATED_WEIGHT_DECAY,
+    lambda0: float = defaults.GATED_LAMBDA0,
+    prior_keep: float = defaults.GATED_PRIOR_KEEP,
     masks: Any | None = None,
 ) -> Array:
     r"""Gated (structured) TSC summed over every hard-concrete-gated conv of ``params``.
@@ -177,4 +202,4 @@ def gated_sparsity_penalty(
         terms.append(sparsity.gated_tsc_penalty(
             flat[kernel_path], log_alpha, a=a, num_train=num_train, weight_decay=weight_decay,
             lambda0=lambda0, prior_keep=prior_keep, form=form, mask=mask_of.get(kernel_path)))
-    return _reduce(terms, "sum")
+    return reduce_terms(terms, "sum")

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
+from tscnc_jax import defaults
 from tscnc_jax.spectral import _check_kernel, _masked, check_nonnegative
 
 Array = jax.Array
@@ -126,11 +127,11 @@ def gated_tsc_penalty(
     kernel: Any,
     log_alpha: Any,
     *,
-    a: float = 100.0,
-    num_train: int = 50_000,
-    weight_decay: float = 5e-4,
-    lambda0: float = 1e-3,
-    prior_keep: float = 0.7,
+    a: float = defaults.GATED_A,
+    num_train: int = defaults.GATED_NUM_TRAIN,
+    weight_decay: float = defaults.GATED_WEIGHT_DECAY,
+    lambda0: float = defaults.GATED_LAMBDA0,
+    prior_keep: float = defaults.GATED_PRIOR_KEEP,
     form: Literal["textbook", "authors_code"] = "textbook",
     mask: Any | None = None,
     beta: float = HC_BETA,

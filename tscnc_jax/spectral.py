@@ -132,6 +132,83 @@ def singular_values(kernel: Any, mask: Any | None = None) -> Array:
     return jnp.linalg.svd(m, full_matrices=False, compute_uv=False)
 
 
+def live_singular_value_count(
+    kernel: Any, mask: Any | None = None, *, structural: bool = True
+) -> Array:
+    """Number of singular values of the (pruned) kernel that are not zero by its structure.
+
+    ``M = as_matrix(kernel * mask)`` with ``p`` rows and ``q`` columns that hold a non-zero entry
+    (its *live* rows and columns) is, up to a permutation, the ``p x q`` live block padded with
+    zeros, so at most ``min(p, q)`` of its singular values are non-zero; the other
+    ``min(fan_in, fan_out) - min(p, q)`` are exact zeros. A sparse live block can be rank
+    deficient by its pattern alone, too (two live rows whose only weights sit in the same
+    column): its rank for *every* choice of values on the pattern is at most the pattern's
+    *structural rank*, the size of a maximum matching between live rows and columns. Those
+    zeros come from the pattern, not from the values: under a fixed mask no update can lift
+    them, and their singular vectors are arbitrary.
+
+    With ``structural=True`` (default) this returns the structural rank, computed as the
+    numerical rank (NumPy's ``matrix_rank`` tolerance) of the pattern filled with fixed
+    pseudo-random values in ``[1, 2]``, which equals it with probability 1; a kernel without a
+    single zero entry skips that SVD (``lax.cond``) and returns ``min(fan_in, fan_out)``. With
+    ``structural=False`` it returns ``min(p, q)``. Either way a traced int32 scalar (static
+    shapes, no Python branch on values): the length of the prefix of the descending
+    :func:`singular_values` that is the live spectrum. No gradient flows through it.
+    """
+    m = jax.lax.stop_gradient(as_matrix(_masked(kernel, mask)))
+    m = m.astype(_compute_dtype(m.dtype))
+    nonzero = m != 0
+    rows = jnp.sum(jnp.any(nonzero, axis=1), dtype=jnp.int32)
+    cols = jnp.sum(jnp.any(nonzero, axis=0), dtype=jnp.int32)
+    bound = jnp.minimum(rows, cols)
+    if not structural:
+        return bound
+
+    def generic_rank(nz):
+        values = jax.random.uniform(jax.random.key(0), nz.shape, m.dtype, 1.0, 2.0)
+        s = jnp.linalg.svd(jnp.where(nz, values, 0.0), compute_uv=False)
+        tol = s[0] * max(nz.shape) * jnp.finfo(m.dtype).eps
+        return jnp.minimum(jnp.sum(s > tol, dtype=jnp.int32), bound)
+
+    return jax.lax.cond(jnp.all(nonzero), lambda nz: bound, generic_rank, nonzero)
+
+
+def host_structural_rank(pattern: np.ndarray) -> int:
+    """Structural rank of a boolean matrix pattern (float64 NumPy, host): the numerical rank of
+    the pattern filled with fixed pseudo-random values in ``[1, 2]``; see
+    :func:`live_singular_value_count`."""
+    pattern = np.asarray(pattern, bool)
+    if not pattern.any():
+        return 0
+    values = np.random.default_rng(0).uniform(1.0, 2.0, pattern.shape)
+    return int(np.linalg.matrix_rank(np.where(pattern, values, 0.0)))
+
+
+def smooth_log_range(
+    s: Array, *, temperature: Any, delta: Any, keep: Array | None = None
+) -> Array:
+    r"""``tau * logsumexp(l / tau) + tau * logsumexp(-l / tau)`` with ``l = log(s + delta)``.
+
+    The CNC surrogate of a given set of singular values ``s`` (any order), shared by
+    :func:`smooth_log_condition_number` and the tracked estimator. With a boolean ``keep`` of
+    ``s``'s shape only the kept entries enter both log-sum-exps (a ``where``: shapes stay static,
+    and the left-out entries get an exactly zero gradient, also when ``s + delta`` is 0 there).
+    No kept entry at all (an all-zero kernel) counts as keeping ``s[0]`` alone, whose range is 0
+    with a zero gradient.
+    """
+    s = jnp.asarray(s)
+    tau = jnp.asarray(temperature, s.dtype)
+    delta = jnp.asarray(delta, s.dtype)
+    if keep is None:
+        logs = jnp.log(s + delta)
+        return tau * jax.nn.logsumexp(logs / tau) + tau * jax.nn.logsumexp(-logs / tau)
+    keep = keep | ((jnp.arange(s.shape[0]) == 0) & ~jnp.any(keep))
+    logs = jnp.log(jnp.where(keep, s, 1.0) + delta)
+    soft_max = tau * jax.nn.logsumexp(jnp.where(keep, logs / tau, -jnp.inf))
+    soft_min = -tau * jax.nn.logsumexp(jnp.where(keep, -logs / tau, -jnp.inf))
+    return soft_max - soft_min
+
+
 def condition_number(kernel: Any, mask: Any | None = None) -> Array:
     """Exact condition number ``sigma_max / sigma_min`` of the (pruned) kernel's matrix.
 
@@ -213,18 +290,25 @@ def tree_live_condition_numbers(
     non-zero singular values are exactly the full matrix's, and its condition number is ``inf``
     only if the live part is itself rank deficient (or empty).
 
+    A sparse live block can still be rank deficient by its pattern alone (its *structural rank*
+    ``live_rank`` below ``min(live_rows, live_cols)``, see :func:`live_singular_value_count`):
+    those zeros are structural as well, and ``kappa`` is ``sigma_1 / sigma_{live_rank}``.
+
     Returns:
-      ``{path: {"kappa", "live_rows", "live_cols", "rows", "cols"}}`` in pytree order (``rows``
-      = fan_in, ``cols`` = fan_out of the full matrix).
+      ``{path: {"kappa", "live_rows", "live_cols", "live_rank", "rows", "cols"}}`` in pytree
+      order (``rows`` = fan_in, ``cols`` = fan_out of the full matrix).
     """
     out = {}
     for name, m in _host_matrices(params, masks, filter_fn):
         live = m[np.any(m != 0, axis=1)][:, np.any(m != 0, axis=0)]
-        kappa = (host_condition_number(np.linalg.svd(live, compute_uv=False), live.shape)
-                 if live.size else float("inf"))
+        rank = host_structural_rank(live != 0)
+        kappa = float("inf")
+        if rank:
+            s = np.linalg.svd(live, compute_uv=False)[:rank]
+            kappa = host_condition_number(s, live.shape)
         out[name] = {"kappa": kappa, "live_rows": int(live.shape[0]),
-                     "live_cols": int(live.shape[1]), "rows": int(m.shape[0]),
-                     "cols": int(m.shape[1])}
+                     "live_cols": int(live.shape[1]), "live_rank": rank,
+                     "rows": int(m.shape[0]), "cols": int(m.shape[1])}
     return out
 
 
@@ -239,6 +323,7 @@ def smooth_log_condition_number(
     temperature: float | Array,
     delta: float | Array,
     mask: Any | None = None,
+    live: bool = True,
 ) -> Array:
     r"""Smooth upper bound of the log condition number (the CNC penalty of one kernel).
 
@@ -267,6 +352,18 @@ def smooth_log_condition_number(
       delta: ``>= 0`` shift of the singular values; ``delta = 0`` is only safe for full-rank
         kernels.
       mask: optional pruning mask of the kernel's shape.
+      live: ``True`` (default): the surrogate of the *live spectrum* only. The singular values
+        that are zero by the kernel's structure (all-zero rows and columns of ``kernel * mask``,
+        from the mask or from exact zeros in the kernel, and a sparse pattern's structural rank
+        deficiency; :func:`live_singular_value_count`) are left out of both log-sum-exps.
+        Otherwise they sit at ``log(delta)``, own the soft-min, and the smallest live singular
+        value ``sigma`` gets a gradient weight of only about ``(delta / sigma)^(1 / tau)``
+        (``3e-10`` against ``-76`` for a 64x32 kernel with 8 dead columns): the penalty would
+        reduce to a weak spectral-norm penalty on exactly the pruned
+        kernels it is meant for. The value and gradient equal those of the penalty of the
+        extracted live block (of its structurally non-zero singular values); kernels without a
+        zero entry are unaffected. ``False``:
+        every singular value, as if the structural zeros could be revived.
 
     Returns:
       A scalar in the kernel's compute dtype (at least float32).
@@ -277,11 +374,10 @@ def smooth_log_condition_number(
     check_nonnegative("temperature", temperature, strict=True)
     check_nonnegative("delta", delta)
     s = singular_values(kernel, mask)
-    logs = jnp.log(s + jnp.asarray(delta, s.dtype))
-    tau = jnp.asarray(temperature, s.dtype)
-    soft_max = tau * jax.nn.logsumexp(logs / tau)
-    soft_min = -tau * jax.nn.logsumexp(-logs / tau)
-    return soft_max - soft_min
+    keep = None
+    if live:  # the descending spectrum's first num_live entries are the live block's
+        keep = jnp.arange(s.shape[0]) < live_singular_value_count(kernel, mask)
+    return smooth_log_range(s, temperature=temperature, delta=delta, keep=keep)
 
 
 def log_det_condition_penalty(kernel: Any, *, eps: float = 1e-5, mask: Any | None = None) -> Array:
@@ -312,3 +408,100 @@ def log_det_condition_penalty(kernel: Any, *, eps: float = 1e-5, mask: Any | Non
     w = w.astype(_compute_dtype(w.dtype))
     gram = w.T @ w / w.shape[1]
     return jnp.square(jnp.log(jnp.asarray(eps, w.dtype) + jnp.linalg.det(gram)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolutions as operators.
+# ----------------------------------------------------------------------------------------------
+
+
+def _conv_kernel_on_grid(kernel: Any, input_shape: Any) -> tuple[Any, tuple[int, int]]:
+    kernel = _check_kernel(kernel)
+    if kernel.ndim != 4:
+        raise ValueError(f"`kernel` must be a 2-D convolution kernel (kh, kw, c_in, c_out), got "
+                         f"shape {tuple(kernel.shape)}.")
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) not in (2, 3) or min(shape[:2]) < 1:
+        raise ValueError(f"`input_shape` must be the input's (height, width) or (height, width, "
+                         f"channels), got {input_shape!r}.")
+    if len(shape) == 3 and shape[2] != kernel.shape[2]:
+        raise ValueError(f"`input_shape` has {shape[2]} channels but the kernel reads "
+                         f"{kernel.shape[2]} (shape {tuple(kernel.shape)}).")
+    return kernel, shape[:2]
+
+
+def _fold_taps(k: Any, h: int, w: int, xp: Any) -> Any:
+    # Circular convolution on an h x w grid: tap (a, b) acts at offset (a mod h, b mod w), so a
+    # kernel larger than the grid (VGG's 3x3 convs on 2x2 maps) wraps onto it. Zero-pad the tap
+    # axes to multiples of (h, w) and sum the wraps.
+    kh, kw = k.shape[:2]
+    nh, nw = -(-kh // h), -(-kw // w)
+    k = xp.pad(k, ((0, nh * h - kh), (0, nw * w - kw), (0, 0), (0, 0)))
+    return k.reshape(nh, h, nw, w, *k.shape[2:]).sum(axis=(0, 2))
+
+
+def conv_operator_singular_values(
+    kernel: Any, input_shape: Any, mask: Any | None = None
+) -> Array:
+    r"""Singular values of the stride-1, circularly padded convolution *operator* of a kernel.
+
+    The reshaped kernel of :func:`as_matrix` (``(kh * kw * c_in, c_out)``) is not the linear map a
+    convolution layer applies. For stride 1 with circular padding on an ``h x w`` input, that map
+    (``h w c_in -> h w c_out``) is block-doubly-circulant, and the 2-D DFT block-diagonalises it:
+    its singular values are the union, over the ``h w`` frequencies ``(u, v)``, of the singular
+    values of the ``c_in x c_out`` matrices
+
+        P(u, v) = sum_{a, b} K[a, b, :, :] exp(-2 pi i (u a / h + v b / w))
+
+    (Sedghi, Gupta, Long, "The Singular Values of Convolutional Layers", ICLR 2019, Theorem 6),
+    i.e. of the 2-D FFT of the kernel over the input's grid. A kernel larger than the grid wraps
+    onto it. Zero ("SAME") padding gives a different, Toeplitz, operator whose spectrum the
+    circular one approximates away from the border; its top singular value is a standard upper
+    bound estimate of the layer's Lipschitz constant.
+
+    Args:
+      kernel: ``(kh, kw, c_in, c_out)`` convolution kernel (Flax layout).
+      input_shape: the layer input's ``(height, width)`` (a trailing channel count is checked
+        against ``c_in``).
+      mask: optional pruning mask of the kernel's shape.
+
+    Returns:
+      The ``h * w * min(c_in, c_out)`` singular values in descending order, in the kernel's
+      real compute dtype (at least float32). Differentiable.
+    """
+    kernel, (h, w) = _conv_kernel_on_grid(kernel, input_shape)
+    k = _masked(kernel, mask)
+    k = k.astype(_compute_dtype(k.dtype))
+    transfer = jnp.fft.fft2(_fold_taps(k, h, w, jnp), axes=(0, 1))  # (h, w, c_in, c_out)
+    s = jnp.linalg.svd(transfer, compute_uv=False).reshape(-1)
+    return jnp.sort(s)[::-1]
+
+
+def host_conv_operator_condition_number(
+    kernel: Any, input_shape: Any, mask: Any | None = None, *, live: bool = True
+) -> dict[str, Any]:
+    """Condition number of a conv's circular operator (float64 on the host), for reports.
+
+    See :func:`conv_operator_singular_values`. With ``live=True`` (default) the input channels
+    that no weight reads and the output channels with no weight are dropped first (their
+    operator singular values are zero by the kernel's structure, at every frequency, as with the
+    all-zero rows and columns of :func:`tree_live_condition_numbers`); the live operator is rank
+    deficient, and its ``kappa`` infinite, only if its own transfer matrices are. Rank deficiency
+    uses NumPy's ``matrix_rank`` tolerance on the operator's shape.
+
+    Returns:
+      ``{"kappa", "sigma_max", "live_in", "live_out"}`` (``live_*``: the channels kept).
+    """
+    kernel, (h, w) = _conv_kernel_on_grid(kernel, input_shape)
+    k = np.asarray(jax.device_get(kernel), np.float64)
+    if mask is not None:
+        k = k * np.asarray(jax.device_get(mask), np.float64)
+    if live:
+        k = k[:, :, np.any(k != 0, axis=(0, 1, 3))][..., np.any(k != 0, axis=(0, 1, 2))]
+    c_in, c_out = k.shape[2:]
+    if not k.size:
+        return {"kappa": float("inf"), "sigma_max": 0.0, "live_in": c_in, "live_out": c_out}
+    s = np.sort(np.linalg.svd(np.fft.fft2(_fold_taps(k, h, w, np), axes=(0, 1)),
+                              compute_uv=False).ravel())[::-1]
+    return {"kappa": host_condition_number(s, (h * w * c_in, h * w * c_out)),
+            "sigma_max": float(s[0]), "live_in": int(c_in), "live_out": int(c_out)}

@@ -132,7 +132,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from tscnc_jax import penalties, spectral, tree_utils
+from tscnc_jax import defaults, penalties, spectral, transforms, tree_utils
 
 Array = jax.Array
 
@@ -166,23 +166,6 @@ class TrackedSingularVectors(NamedTuple):
     v_top: Array
     u_bottom: Array
     v_bottom: Array
-
-
-class TrackedConditionNumberPenaltyState(NamedTuple):
-    """State of :func:`add_tracked_condition_number_penalty`.
-
-    Attributes:
-      count: number of updates done (int32): the weight schedule's argument and the
-        resynchronisation clock.
-      value: the (unweighted) tracked penalty at the parameters of the last update (float32), for
-        logging as with :class:`tscnc_jax.ConditionNumberPenaltyState`; 0 before the first update.
-      vectors: ``{kernel path: TrackedSingularVectors}`` as refined at the last update
-        (placeholders before the first update, which re-seeds them from an exact SVD).
-    """
-
-    count: jax.Array
-    value: jax.Array
-    vectors: dict[str, TrackedSingularVectors]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,23 +228,40 @@ def block_sizes(shape: tuple[int, int], k: int) -> tuple[int, int]:
     return (r, 0) if 2 * k >= r else (k, k)
 
 
+def _live_counts(m: Array, live: bool) -> tuple[Array, Array]:
+    """``(bound, rank)``: ``min(live rows, live columns)`` of ``m`` and its structural rank
+    (:func:`tscnc_jax.live_singular_value_count`); both ``min(fan_in, fan_out)`` when
+    ``live=False``."""
+    if not live:
+        full = jnp.asarray(min(m.shape), jnp.int32)
+        return full, full
+    return (spectral.live_singular_value_count(m, structural=False),
+            spectral.live_singular_value_count(m))
+
+
+def _exact_vectors(m: Array, k_top: int, k_bottom: int,
+                   bound: Array | None = None) -> TrackedSingularVectors:
+    # The bottom block holds the smallest singular values of the live rows and columns: indices
+    # bound - 1, bound - 2, ... of the descending SVD (the zeros of all-zero rows and columns
+    # behind them are left out), where the refinement's iteration converges.
+    u, _, vt = jnp.linalg.svd(m, full_matrices=False)
+    v = vt.T
+    last = min(m.shape) if bound is None else bound
+    idx = jnp.clip(last - 1 - jnp.arange(k_bottom), 0, min(m.shape) - 1)
+    return TrackedSingularVectors(
+        u_top=u[:, :k_top],
+        v_top=v[:, :k_top],
+        u_bottom=jnp.take(u, idx, axis=1),
+        v_bottom=jnp.take(v, idx, axis=1),
+    )
+
+
 def _orthonormalize(x: Array, previous: Array) -> Array:
     """Orthonormal basis of span(``x``); ``previous`` if ``x`` vanished (a zero kernel)."""
     if x.shape[1] == 1:
         norm = jnp.linalg.norm(x)
         return jnp.where(norm > 0, x / jnp.where(norm > 0, norm, 1.0), previous)
     return jnp.linalg.qr(x)[0]
-
-
-def _exact_vectors(m: Array, k_top: int, k_bottom: int) -> TrackedSingularVectors:
-    u, _, vt = jnp.linalg.svd(m, full_matrices=False)
-    v = vt.T
-    return TrackedSingularVectors(
-        u_top=u[:, :k_top],
-        v_top=v[:, :k_top],
-        u_bottom=u[:, ::-1][:, :k_bottom],
-        v_bottom=v[:, ::-1][:, :k_bottom],
-    )
 
 
 def _ritz(a: Array, x: Array) -> tuple[Array, Array]:
@@ -283,35 +283,28 @@ def _ritz(a: Array, x: Array) -> tuple[Array, Array]:
     return left, jnp.matmul(x, z, precision=_HIGHEST)
 
 
-def _refine_vectors(
-    m: Array, vec: TrackedSingularVectors, iterations: int
-) -> TrackedSingularVectors:
-    m = lax.stop_gradient(m)
-    k_top, k_bottom = vec.u_top.shape[1], vec.u_bottom.shape[1]
-    if k_bottom == 0:  # the whole spectrum is tracked: small kernel, exact SVD
-        return _exact_vectors(m, k_top, 0)
-    transposed = m.shape[0] < m.shape[1]
-    a = m.T if transposed else m  # p x q with p >= q: the Gram matrix is q x q
-    x_top, x_bottom = (vec.u_top, vec.u_bottom) if transposed else (vec.v_top, vec.v_bottom)
-    x_top, x_bottom = lax.stop_gradient(x_top), lax.stop_gradient(x_bottom)
-    q = a.shape[1]
-    dtype = a.dtype
-    eps = jnp.finfo(dtype).eps
-
+def _normalized_gram(a: Array) -> Array:
     gram = jnp.matmul(a.T, a, precision=_HIGHEST)
     gram = 0.5 * (gram + gram.T)
     trace = jnp.trace(gram)
-    gram = gram / jnp.where(trace > 0, trace, 1.0)  # eigenvalues in [0, 1], summing to 1
+    return gram / jnp.where(trace > 0, trace, 1.0)  # eigenvalues in [0, 1], summing to 1
 
-    def top_step(_, x):
-        return _orthonormalize(jnp.matmul(gram, x, precision=_HIGHEST), x)
 
-    new_top = lax.fori_loop(0, iterations, top_step, x_top)
-    # lambda_1(G) >= trace / q = 1 / q; the Rayleigh quotient of the top block is a lower bound.
-    rayleigh = jnp.max(jnp.sum(new_top * jnp.matmul(gram, new_top, precision=_HIGHEST), axis=0))
-    lam1 = jnp.maximum(rayleigh, 1.0 / q)
+def _bottom_block(a: Array, x: Array, live_cols: Array, lam1: Array,
+                  iterations: int) -> tuple[Array, Array]:
+    """Inverse orthogonal iteration for the smallest singular values of ``a``'s live columns.
+
+    ``a`` is ``p x q``; its dead (all-zero) columns are exact null directions ``e_j`` of the Gram
+    matrix. They are lifted to eigenvalue 1 (the top of the trace-normalised spectrum, so the
+    inverse iteration suppresses them) and projected out of the block after every solve, so the
+    block converges to the smallest singular values of the live columns. Returns ``(left, right)``
+    (Ritz pairs of ``a``, ascending).
+    """
+    q, dtype = a.shape[1], a.dtype
+    live = live_cols.astype(dtype)[:, None]
+    gram = _normalized_gram(a) + jnp.diag(1.0 - live[:, 0])
     eye = jnp.eye(q, dtype=dtype)
-    shift = CHOLESKY_SHIFT * eps * lam1
+    shift = CHOLESKY_SHIFT * jnp.finfo(dtype).eps * lam1
     chol = jnp.linalg.cholesky(gram + shift * eye)
     chol = lax.cond(
         jnp.all(jnp.isfinite(chol)),
@@ -320,18 +313,65 @@ def _refine_vectors(
         chol,
     )
 
-    def bottom_step(_, y):
-        return _orthonormalize(jax.scipy.linalg.cho_solve((chol, True), y), y)
+    def step(_, y):
+        return _orthonormalize(live * jax.scipy.linalg.cho_solve((chol, True), y), y)
 
-    new_bottom = lax.fori_loop(0, iterations, bottom_step, x_bottom)
+    new = lax.fori_loop(0, iterations, step, x)
+    new = jnp.where(jnp.all(jnp.isfinite(new)), new, x)
+    return _ritz(a, new)
 
-    def keep_finite(new, old):
-        return jnp.where(jnp.all(jnp.isfinite(new)), new, old)
 
-    new_top = keep_finite(new_top, x_top)
-    new_bottom = keep_finite(new_bottom, x_bottom)
+def _refine_vectors(
+    m: Array, vec: TrackedSingularVectors, iterations: int, live: bool = True
+) -> TrackedSingularVectors:
+    m = lax.stop_gradient(m)
+    k_top, k_bottom = vec.u_top.shape[1], vec.u_bottom.shape[1]
+    if k_bottom == 0:  # the whole spectrum is tracked: small kernel, exact SVD
+        return _exact_vectors(m, k_top, 0)
+    transposed = m.shape[0] < m.shape[1]
+    a = m.T if transposed else m  # p x q with p >= q: the Gram matrix is q x q
+    p, q = a.shape
+    # A's sides: the right (q) side is iterated on, the left (p) side is the other one.
+    right = (vec.u_top, vec.u_bottom) if transposed else (vec.v_top, vec.v_bottom)
+    left = (vec.v_bottom,) if transposed else (vec.u_bottom,)
+    x_top, x_bottom = (lax.stop_gradient(x) for x in right)
+    y_bottom = lax.stop_gradient(left[0])
+
+    gram = _normalized_gram(a)
+
+    def top_step(_, x):
+        return _orthonormalize(jnp.matmul(gram, x, precision=_HIGHEST), x)
+
+    new_top = lax.fori_loop(0, iterations, top_step, x_top)
+    new_top = jnp.where(jnp.all(jnp.isfinite(new_top)), new_top, x_top)
+    # lambda_1(G) >= trace / q = 1 / q; the Rayleigh quotient of the top block is a lower bound.
+    rayleigh = jnp.max(jnp.sum(new_top * jnp.matmul(gram, new_top, precision=_HIGHEST), axis=0))
+    lam1 = jnp.maximum(rayleigh, 1.0 / q)
+
+    if live:
+        nonzero = a != 0
+        live_p, live_q = jnp.any(nonzero, axis=1), jnp.any(nonzero, axis=0)
+    else:
+        live_p, live_q = jnp.ones(p, bool), jnp.ones(q, bool)
+
+    def column_side(_):
+        # At least as many live rows as live columns: the live spectrum is that of the live
+        # columns' q x q Gram matrix, dead columns lifted out of the way.
+        return _bottom_block(a, x_bottom, live_q, lam1, iterations)
+
+    def row_side(_):
+        # Fewer live rows than live columns (a wide live block inside a tall kernel): the Gram
+        # matrix of the columns has non-structural null directions, so iterate on the rows'
+        # instead. The live rows (< q of them) are gathered into q slots, padded with dead rows.
+        idx = jnp.argsort(~live_p, stable=True)[:q]
+        b_t = a[idx].T  # q x q; its columns are the gathered rows of A
+        # b_t's left vectors are A's right ones, its right vectors A's left ones (in slots).
+        v_side, u_slots = _bottom_block(b_t, y_bottom[idx], live_p[idx], lam1, iterations)
+        return jnp.zeros((p, k_bottom), a.dtype).at[idx].set(u_slots), v_side
+
+    rows_short = jnp.sum(live_p) < jnp.sum(live_q)
+    left_bottom, right_bottom = lax.cond(rows_short, row_side, column_side, None)
     left_top, right_top = _ritz(a, new_top)
-    left_bottom, right_bottom = _ritz(a, new_bottom)
     left_top, right_top = left_top[:, ::-1], right_top[:, ::-1]  # descending
     if transposed:  # A = M^T: A's right vectors are M's left vectors
         return TrackedSingularVectors(right_top, left_top, right_bottom, left_bottom)
@@ -347,14 +387,28 @@ def _tracked_sigmas(m: Array, vec: TrackedSingularVectors) -> tuple[Array, Array
     return sigmas(vec.u_top, vec.v_top), sigmas(vec.u_bottom, vec.v_bottom)
 
 
-def _surrogate(top: Array, bottom: Array, temperature: Any, delta: Any) -> Array:
+def _tracked_keep(k_top: int, k_bottom: int, bound: Array, rank: Array) -> Array:
+    """Which tracked values are live and counted once.
+
+    The top block's first ``rank`` entries. The bottom block converges to the smallest singular
+    values of the live rows and columns (``bound`` of them), the first ``bound - rank`` of which
+    are the structural zeros of a pattern-deficient live block: its entries ``bound - rank <= i
+    < bound - k_top`` (the upper limit keeps a live spectrum shorter than ``k_top + k_bottom``
+    from being counted twice). Without ``live``, ``bound = rank = min(fan_in, fan_out)``.
+    """
+    i = jnp.arange(k_bottom)
+    return jnp.concatenate([jnp.arange(k_top) < rank,
+                            (i >= bound - rank) & (i < bound - k_top)])
+
+
+def _surrogate(m: Array, vec: TrackedSingularVectors, temperature: Any, delta: Any,
+               live: bool) -> Array:
     # Both soft extremes over the union of the tracked values: with disjoint blocks this is the
     # exact surrogate restricted to the tracked singular values (exact when they cover all).
-    tau = jnp.asarray(temperature, top.dtype)
-    logs = jnp.log(jnp.concatenate([top, bottom]) + jnp.asarray(delta, top.dtype))
-    soft_max = tau * jax.nn.logsumexp(logs / tau)
-    soft_min = -tau * jax.nn.logsumexp(-logs / tau)
-    return soft_max - soft_min
+    top, bottom = _tracked_sigmas(m, vec)
+    keep = _tracked_keep(top.shape[0], bottom.shape[0], *_live_counts(lax.stop_gradient(m), live))
+    return spectral.smooth_log_range(jnp.concatenate([top, bottom]), temperature=temperature,
+                                     delta=delta, keep=keep)
 
 
 def _check_vectors(name: str, m: Array, vec: Any) -> TrackedSingularVectors:
@@ -400,6 +454,7 @@ def init_tracked_vectors(
     k: KSpec = 1,
     masks: Any | None = None,
     filter_fn: tree_utils.FilterFn | None = None,
+    live: bool = True,
 ) -> dict[str, TrackedSingularVectors]:
     """Exact extreme singular vectors of every selected (pruned) kernel, from a thin SVD.
 
@@ -412,6 +467,8 @@ def init_tracked_vectors(
       masks: optional masks tree (``None`` leaves are not pruned).
       filter_fn: ``(path, leaf) -> bool`` choosing the kernels; default
         :func:`tscnc_jax.tree_utils.is_kernel`.
+      live: the bottom block takes the smallest *live* singular values (default), not the
+        structural zeros of a pruned kernel (see :func:`tscnc_jax.live_singular_value_count`).
 
     Returns:
       ``{kernel path: TrackedSingularVectors}`` in the kernels' compute dtype (at least float32).
@@ -419,7 +476,7 @@ def init_tracked_vectors(
     leaves = tree_utils.named_leaves(params, masks, filter_fn)
     ks = _ks_for(_check_k(k), [name for name, _, _ in leaves])
     return {
-        name: _exact_vectors(m, *block_sizes(m.shape, ks[name]))
+        name: _exact_vectors(m, *block_sizes(m.shape, ks[name]), _live_counts(m, live)[0])
         for name, m in ((n, _matrix(w, msk)) for n, w, msk in leaves)
     }
 
@@ -447,6 +504,7 @@ def refine_tracked_vectors(
     iterations: int = 2,
     masks: Any | None = None,
     filter_fn: tree_utils.FilterFn | None = None,
+    live: bool = True,
 ) -> dict[str, TrackedSingularVectors]:
     """Warm-started refinement of the tracked vectors for the current parameters.
 
@@ -458,14 +516,18 @@ def refine_tracked_vectors(
       params: a pytree of parameters.
       vectors: the previous vectors (from :func:`init_tracked_vectors` or an earlier refinement).
       iterations: iterations per block (``>= 1``).
-      masks, filter_fn: as in :func:`init_tracked_vectors`.
+      masks, filter_fn, live: as in :func:`init_tracked_vectors`. With ``live`` the bottom
+        block converges to the smallest live singular values: the all-zero columns of the
+        iterated side are lifted out of the way and projected out, and when the live block has
+        fewer rows than columns the iteration runs on the rows' Gram matrix instead (see
+        ``_refine_vectors``).
 
     Returns:
       Refined vectors with the structure of ``vectors``.
     """
     iterations = _check_int("iterations", iterations, minimum=1)
     return {
-        name: _refine_vectors(m, vec, iterations)
+        name: _refine_vectors(m, vec, iterations, live)
         for name, m, vec in _kernels_with_vectors(params, vectors, masks, filter_fn)
     }
 
@@ -491,19 +553,23 @@ def tracked_log_condition_numbers(
     *,
     masks: Any | None = None,
     filter_fn: tree_utils.FilterFn | None = None,
+    live: bool = True,
 ) -> dict[str, Array]:
     """Tracked ``log kappa = log(sigma_top,1 / sigma_bottom,1)`` of every kernel (diagnostics).
 
     A lower bound of the exact ``log kappa`` when the vectors come from
     :func:`refine_tracked_vectors` (Rayleigh-Ritz values lie inside the spectrum); ``inf`` when
     the tracked smallest singular value is 0. No ``delta`` is involved. Works under ``jit``.
+    With ``live`` (default) only the tracked values of the live spectrum count.
     """
     out = {}
-    for name, (top, bottom) in tracked_singular_values(
-        params, vectors, masks=masks, filter_fn=filter_fn
-    ).items():
+    for name, m, vec in _kernels_with_vectors(params, vectors, masks, filter_fn):
+        top, bottom = _tracked_sigmas(m, vec)
+        keep = _tracked_keep(top.shape[0], bottom.shape[0], *_live_counts(m, live))
+        keep = keep.at[0].set(True)
         union = jnp.concatenate([top, bottom])
-        smax, smin = jnp.max(union), jnp.min(union)
+        smax = jnp.max(jnp.where(keep, union, -jnp.inf))
+        smin = jnp.min(jnp.where(keep, union, jnp.inf))
         out[name] = jnp.where(smin > 0, jnp.log(smax) - jnp.log(jnp.where(smin > 0, smin, 1.0)),
                               jnp.inf)
     return out
@@ -513,11 +579,12 @@ def tracked_condition_number_penalty(
     params: Any,
     vectors: dict[str, TrackedSingularVectors],
     *,
-    temperature: float | Array = penalties.DEFAULT_TEMPERATURE,
-    delta: float | Array = penalties.DEFAULT_DELTA,
+    temperature: float | Array = defaults.CNC_TEMPERATURE,
+    delta: float | Array = defaults.CNC_DELTA,
     masks: Any | None = None,
     filter_fn: tree_utils.FilterFn | None = None,
-    reduce: Literal["mean", "sum"] = "mean",
+    reduce: Literal["mean", "sum"] = defaults.CNC_REDUCE,
+    live: bool = True,
 ) -> Array:
     r"""The CNC surrogate over tracked extreme singular values, reduced over the kernels.
 
@@ -536,17 +603,21 @@ def tracked_condition_number_penalty(
       masks: optional masks tree; pruned kernels ``M * mask`` are used.
       filter_fn: ``(path, leaf) -> bool`` choosing the kernels.
       reduce: ``"mean"`` (default) or ``"sum"`` over the kernels.
+      live: only the tracked values of each kernel's live spectrum enter (default), as in
+        :func:`tscnc_jax.smooth_log_condition_number`; tracked values beyond the live spectrum
+        (a kernel with fewer than ``2 k`` live singular values) are left out, and none is
+        counted twice.
 
     Returns:
       A scalar in the compute dtype (0 when no kernel is selected).
     """
-    penalties._check_reduce(reduce)
+    penalties.check_reduce(reduce)
     _check_surrogate(temperature, delta)
     terms = [
-        _surrogate(*_tracked_sigmas(m, vec), temperature, delta)
+        _surrogate(m, vec, temperature, delta, live)
         for _, m, vec in _kernels_with_vectors(params, vectors, masks, filter_fn)
     ]
-    return penalties._reduce(terms, reduce)
+    return penalties.reduce_terms(terms, reduce)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -616,10 +687,11 @@ def minimal_k(
     params: Any,
     *,
     cosine: float = 0.99,
-    temperature: float = penalties.DEFAULT_TEMPERATURE,
-    delta: float = penalties.DEFAULT_DELTA,
+    temperature: float = defaults.CNC_TEMPERATURE,
+    delta: float = defaults.CNC_DELTA,
     masks: Any | None = None,
     filter_fn: tree_utils.FilterFn | None = None,
+    live: bool = True,
 ) -> dict[str, int]:
     """Smallest ``k`` per kernel whose converged gradient cosine reaches ``cosine``.
 
@@ -627,12 +699,17 @@ def minimal_k(
     :func:`converged_gradient_cosine`; a planning tool, not for use inside a training step. The
     result is a valid ``k`` for :func:`add_tracked_condition_number_penalty` and
     :func:`init_tracked_vectors`. It holds for the spectra of ``params``; training changes them
-    (pruning in particular), so re-plan from a checkpoint when they have moved.
+    (pruning in particular), so re-plan from a checkpoint when they have moved. With ``live``
+    (default) each kernel's live spectrum is planned for, as the penalty uses it.
     """
     if not 0.0 < cosine <= 1.0:
         raise ValueError(f"`cosine` must be in (0, 1], got {cosine!r}.")
     out = {}
-    for name, (s, _) in spectral.tree_singular_values(params, masks, filter_fn).items():
+    spectra = spectral.tree_singular_values(params, masks, filter_fn)
+    shapes = spectral.tree_live_condition_numbers(params, masks, filter_fn) if live else {}
+    for name, (s, _) in spectra.items():
+        if live:
+            s = s[:max(1, min(shapes[name]["live_rows"], shapes[name]["live_cols"]))]
         r = s.size
         k = next((k for k in range(1, r + 1) if converged_gradient_cosine(
             s, k=k, temperature=temperature, delta=delta) >= cosine), r)
@@ -648,14 +725,15 @@ def minimal_k(
 def add_tracked_condition_number_penalty(
     weight: optax.ScalarOrSchedule,
     *,
-    temperature: float = penalties.DEFAULT_TEMPERATURE,
-    delta: float = penalties.DEFAULT_DELTA,
+    temperature: float = defaults.CNC_TEMPERATURE,
+    delta: float = defaults.CNC_DELTA,
     k: KSpec = 1,
     iterations: int = 2,
     resync_every: int | None = 100,
     filter_fn: tree_utils.FilterFn | None = None,
     masks: Any | None = None,
-    reduce: Literal["mean", "sum"] = "mean",
+    reduce: Literal["mean", "sum"] = defaults.CNC_REDUCE,
+    live: bool = True,
 ) -> optax.GradientTransformation:
     r"""Adds ``weight * grad R_k`` (the tracked CNC penalty) to the updates.
 
@@ -688,10 +766,12 @@ def add_tracked_condition_number_penalty(
       filter_fn: ``(path, leaf) -> bool`` choosing the kernels.
       masks: fixed masks tree (``None`` leaves are not pruned).
       reduce: ``"mean"`` (default) or ``"sum"`` over the kernels.
+      live: track and penalise each kernel's live spectrum (default; the singular values that
+        are zero by a pruned kernel's structure are skipped, as in the exact penalty).
 
     Returns:
       An :class:`optax.GradientTransformation` with state
-      :class:`TrackedConditionNumberPenaltyState`; its ``update`` requires ``params``.
+      :class:`tscnc_jax.ConditionNumberPenaltyState`; its ``update`` requires ``params``.
 
     Example:
       >>> import jax, jax.numpy as jnp, optax
@@ -706,14 +786,14 @@ def add_tracked_condition_number_penalty(
     """
     spectral.check_nonnegative("weight", weight)
     _check_surrogate(temperature, delta)
-    penalties._check_reduce(reduce)
+    penalties.check_reduce(reduce)
     k = _check_k(k)
     iterations = _check_int("iterations", iterations, minimum=1)
     if resync_every is not None:
         resync_every = _check_int("resync_every", resync_every, minimum=1)
 
     def init_fn(params):
-        return TrackedConditionNumberPenaltyState(
+        return transforms.ConditionNumberPenaltyState(
             count=jnp.zeros([], jnp.int32),
             value=jnp.zeros([], jnp.float32),
             vectors=_placeholder_vectors(params, k, masks, filter_fn),
@@ -731,9 +811,10 @@ def add_tracked_condition_number_penalty(
             resync = state.count % resync_every == 0
         vectors = lax.cond(
             resync,
-            lambda p, v: init_tracked_vectors(p, k=k, masks=masks, filter_fn=filter_fn),
+            lambda p, v: init_tracked_vectors(p, k=k, masks=masks, filter_fn=filter_fn,
+                                              live=live),
             lambda p, v: refine_tracked_vectors(
-                p, v, iterations=iterations, masks=masks, filter_fn=filter_fn),
+                p, v, iterations=iterations, masks=masks, filter_fn=filter_fn, live=live),
             params,
             state.vectors,
         )
@@ -741,7 +822,7 @@ def add_tracked_condition_number_penalty(
         def penalty_fn(p):
             return tracked_condition_number_penalty(
                 p, vectors, temperature=temperature, delta=delta, masks=masks,
-                filter_fn=filter_fn, reduce=reduce,
+                filter_fn=filter_fn, reduce=reduce, live=live,
             )
 
         value, grads = jax.value_and_grad(penalty_fn)(params)
@@ -749,7 +830,7 @@ def add_tracked_condition_number_penalty(
         updates = jax.tree.map(
             lambda u, g: (u + jnp.asarray(w, g.dtype) * g).astype(u.dtype), updates, grads
         )
-        return updates, TrackedConditionNumberPenaltyState(
+        return updates, transforms.ConditionNumberPenaltyState(
             count=optax.safe_int32_increment(state.count),
             value=value.astype(jnp.float32),
             vectors=vectors,
@@ -761,7 +842,6 @@ def add_tracked_condition_number_penalty(
 __all__ = [
     "CHOLESKY_SHIFT",
     "KSpec",
-    "TrackedConditionNumberPenaltyState",
     "TrackedSingularVectors",
     "add_tracked_condition_number_penalty",
     "block_sizes",

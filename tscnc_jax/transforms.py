@@ -27,20 +27,24 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tscnc_jax import penalties, spectral, spectral_tracking, tree_utils
+from tscnc_jax import defaults, penalties, spectral, tree_utils
 
 
 class ConditionNumberPenaltyState(NamedTuple):
-    """State of :func:`add_condition_number_penalty`.
+    """State of every CNC transformation: :func:`add_condition_number_penalty` and the tracked
+    :func:`tscnc_jax.spectral_tracking.add_tracked_condition_number_penalty`.
 
     Attributes:
       count: number of updates done (int32), the argument of the weight schedule.
       value: the (unweighted) penalty at the parameters of the last update (float32), so that a
         training loop can log it without recomputing SVDs; 0 before the first update.
+      vectors: the tracked estimator's ``{kernel path: TrackedSingularVectors}`` as refined at
+        the last update; ``{}`` (no leaves) for the exact penalty.
     """
 
     count: jax.Array
     value: jax.Array
+    vectors: dict = {}
 
 
 class SparsityPenaltyState(NamedTuple):
@@ -57,8 +61,7 @@ def penalty_values(opt_state: Any) -> dict[str, jax.Array]:
     a penalty occurs more than once, e.g. under :func:`optax.multi_transform`).
     """
     found: dict[str, jax.Array] = {}
-    kinds = {ConditionNumberPenaltyState: "cnc", SparsityPenaltyState: "tsc",
-             spectral_tracking.TrackedConditionNumberPenaltyState: "cnc"}
+    kinds = {ConditionNumberPenaltyState: "cnc", SparsityPenaltyState: "tsc"}
 
     def visit(node):
         kind = kinds.get(type(node))
@@ -103,21 +106,23 @@ def _add_penalty_gradient(
 def add_condition_number_penalty(
     weight: optax.ScalarOrSchedule,
     *,
-    temperature: float = penalties.DEFAULT_TEMPERATURE,
-    delta: float = penalties.DEFAULT_DELTA,
+    temperature: float = defaults.CNC_TEMPERATURE,
+    delta: float = defaults.CNC_DELTA,
     form: Literal["smooth", "log_det"] = "smooth",
     eps: float = 1e-5,
     filter_fn: tree_utils.FilterFn | None = None,
     masks: Any | None = None,
-    reduce: Literal["mean", "sum"] = "mean",
+    reduce: Literal["mean", "sum"] = defaults.CNC_REDUCE,
+    live: bool = True,
 ) -> optax.GradientTransformation:
     r"""Adds ``weight * grad(condition_number_penalty)(params)`` to the updates (CNC).
 
     Args:
       weight: ``lambda_c >= 0``, a scalar or a schedule of the step count.
-      temperature, delta, form, eps, filter_fn, masks, reduce: as in
+      temperature, delta, form, eps, filter_fn, masks, reduce, live: as in
         :func:`tscnc_jax.condition_number_penalty`. ``masks`` is a fixed masks tree; inside
-        the pruning wrapper (:mod:`tscnc_jax.pruning`) the penalty sees the pruned parameters.
+        the pruning wrapper (:mod:`tscnc_jax.pruning`) the penalty sees the pruned parameters,
+        whose exact zeros define each kernel's live spectrum (``live=True``, the default).
 
     Returns:
       An :class:`optax.GradientTransformation` whose ``update`` requires ``params``.
@@ -132,7 +137,7 @@ def add_condition_number_penalty(
     """
     # Validate eagerly (at construction) so bad hyperparameters fail before any tracing.
     penalties.condition_number_penalty(
-        {}, temperature=temperature, delta=delta, form=form, eps=eps, reduce=reduce
+        {}, temperature=temperature, delta=delta, form=form, eps=eps, reduce=reduce, live=live
     )
 
     def penalty_fn(params):
@@ -145,6 +150,7 @@ def add_condition_number_penalty(
             filter_fn=filter_fn,
             masks=masks,
             reduce=reduce,
+            live=live,
         )
 
     return _add_penalty_gradient(
@@ -155,26 +161,30 @@ def add_condition_number_penalty(
 def add_transformed_sparsity_penalty(
     weight: optax.ScalarOrSchedule,
     *,
-    a: float,
+    a: float = defaults.TSC_A,
     eps: float = 0.0,
     filter_fn: tree_utils.FilterFn | None = None,
     masks: Any | None = None,
-    normalize: bool = False,
+    reduce: Literal["sum", "layer_mean", "mean"] = defaults.TSC_REDUCE,
 ) -> optax.GradientTransformation:
     r"""Adds ``weight * grad(transformed_sparsity_penalty)(params)`` to the updates (TSC).
 
+    With the default ``reduce="sum"`` each weight ``w`` gets ``weight * a (a + 1) / (a + |w|)^2 *
+    sign(w)`` added to its gradient, about ``2 * weight * sign(w)`` for ``a = 1`` and small
+    weights; weight decay adds ``wd * w`` (see :func:`tscnc_jax.transformed_sparsity_penalty`).
+
     Args:
       weight: ``lambda_s >= 0``, a scalar or a schedule of the step count.
-      a, eps, filter_fn, masks, normalize: as in :func:`tscnc_jax.transformed_sparsity_penalty`.
+      a, eps, filter_fn, masks, reduce: as in :func:`tscnc_jax.transformed_sparsity_penalty`.
 
     Returns:
       An :class:`optax.GradientTransformation` whose ``update`` requires ``params``.
     """
-    penalties.transformed_sparsity_penalty({}, a=a, eps=eps)
+    penalties.transformed_sparsity_penalty({}, a=a, eps=eps, reduce=reduce)
 
     def penalty_fn(params):
         return penalties.transformed_sparsity_penalty(
-            params, a=a, eps=eps, filter_fn=filter_fn, masks=masks, normalize=normalize
+            params, a=a, eps=eps, filter_fn=filter_fn, masks=masks, reduce=reduce
         )
 
     return _add_penalty_gradient(
@@ -186,11 +196,11 @@ def add_gated_sparsity_penalty(
     weight: optax.ScalarOrSchedule,
     *,
     form: Literal["textbook", "authors_code"] = "textbook",
-    a: float = 100.0,
-    num_train: int = 50_000,
-    weight_decay: float = 5e-4,
-    lambda0: float = 1e-3,
-    prior_keep: float = 0.7,
+    a: float = defaults.GATED_A,
+    num_train: int = defaults.GATED_NUM_TRAIN,
+    weight_decay: float = defaults.GATED_WEIGHT_DECAY,
+    lambda0: float = defaults.GATED_LAMBDA0,
+    prior_keep: float = defaults.GATED_PRIOR_KEEP,
     masks: Any | None = None,
 ) -> optax.GradientTransformation:
     r"""Adds ``weight * grad(gated_sparsity_penalty)(params)`` to the updates (gated TSC).
@@ -240,25 +250,27 @@ def tscnc(
     cnc_weight: optax.ScalarOrSchedule,
     tsc_weight: optax.ScalarOrSchedule,
     *,
-    temperature: float = penalties.DEFAULT_TEMPERATURE,
-    delta: float = penalties.DEFAULT_DELTA,
-    a: float = 1.0,
+    temperature: float = defaults.CNC_TEMPERATURE,
+    delta: float = defaults.CNC_DELTA,
+    a: float = defaults.TSC_A,
     tsc_eps: float = 0.0,
     cnc_form: Literal["smooth", "log_det"] = "smooth",
     filter_fn: tree_utils.FilterFn | None = None,
     masks: Any | None = None,
-    reduce: Literal["mean", "sum"] = "mean",
-    normalize: bool = False,
+    reduce: Literal["mean", "sum"] = defaults.CNC_REDUCE,
+    tsc_reduce: Literal["sum", "layer_mean", "mean"] = defaults.TSC_REDUCE,
+    live: bool = True,
 ) -> optax.GradientTransformation:
     r"""Both TSCNC constraints, chained: the TSC transformation, then the CNC transformation.
 
     Adds ``tsc_weight * grad(R_TSC) + cnc_weight * grad(R_CNC)`` to the updates; chain an
     optimizer after it. Arguments are those of the two transformations (``tsc_eps`` is the TSC's
-    ``eps``, ``cnc_form`` the CNC's ``form``; both penalties share ``filter_fn`` and ``masks``).
+    ``eps``, ``tsc_reduce`` its ``reduce``, ``cnc_form`` the CNC's ``form``; both penalties share
+    ``filter_fn`` and ``masks``).
     """
     return optax.chain(
         add_transformed_sparsity_penalty(
-            tsc_weight, a=a, eps=tsc_eps, filter_fn=filter_fn, masks=masks, normalize=normalize
+            tsc_weight, a=a, eps=tsc_eps, filter_fn=filter_fn, masks=masks, reduce=tsc_reduce
         ),
         add_condition_number_penalty(
             cnc_weight,
@@ -268,5 +280,6 @@ def tscnc(
             filter_fn=filter_fn,
             masks=masks,
             reduce=reduce,
+            live=live,
         ),
     )

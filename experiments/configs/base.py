@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from tscnc_jax import defaults
+
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "svhn_cropped")
 
 
@@ -96,20 +98,24 @@ def get_base_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.lr_factor = 0.2
 
     c.penalty = ml_collections.ConfigDict()
-    c.penalty.temperature = 0.1
-    c.penalty.delta = 1e-3
+    c.penalty.temperature = defaults.CNC_TEMPERATURE
+    c.penalty.delta = defaults.CNC_DELTA
     c.penalty.cnc_form = "smooth"  # smooth | log_det
     c.penalty.cnc_layers = "all"  # all | classifier
-    c.penalty.reduce = "mean"
-    c.penalty.a = 1.0
+    c.penalty.reduce = defaults.CNC_REDUCE
+    # The CNC of each kernel's live spectrum (structural zeros of a pruned kernel left out).
+    c.penalty.live = True
+    c.penalty.a = defaults.TSC_A
     c.penalty.tsc_eps = 0.0
-    c.penalty.normalize = True
+    # sum: every weight gets tsc_weight * rho_a'(w) ~ 2 tsc_weight (a = 1), weight decay's scale
+    # at tsc_weight ~ 1e-5 (tscnc_jax.transformed_sparsity_penalty); layer_mean | mean divide it.
+    c.penalty.tsc_reduce = defaults.TSC_REDUCE
     # Gated (structured) TSC of the authors' code, for models with hard-concrete gates.
     c.penalty.gated_form = "textbook"  # textbook | authors_code
-    c.penalty.gated_a = 100.0
-    c.penalty.gated_num_train = 50_000  # the authors' constant N
-    c.penalty.gated_weight_decay = 5e-4
-    c.penalty.gated_lambda0 = 1e-3
+    c.penalty.gated_a = defaults.GATED_A
+    c.penalty.gated_num_train = defaults.GATED_NUM_TRAIN  # the authors' constant N
+    c.penalty.gated_weight_decay = defaults.GATED_WEIGHT_DECAY
+    c.penalty.gated_lambda0 = defaults.GATED_LAMBDA0
     c.penalty.clamp_gates = False
 
     c.dense = ml_collections.ConfigDict()

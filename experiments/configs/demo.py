@@ -39,7 +39,7 @@ def get_config(variant: str = "hydra_tscnc"):
     c.stages = ("dense",) if method == "dense" else ("prune", "finetune")
     if method == "hydra_tscnc":
         c.finetune.cnc_weight = 0.01
-        c.finetune.tsc_weight = 1e-3
+        c.finetune.tsc_weight = 3e-5
     c = base.smoke(c) if smoke else c
     if smoke:
         c.data.num_train = 0
