@@ -89,7 +89,8 @@ from absl import app, flags
 FLAGS = flags.FLAGS
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
+    """The study's flags (also :mod:`experiments.dose`'s); call when run as a program only."""
     # When run as a program only: --workdir, --variant, --summaries and --set come from
     # experiments.sweep, whose import defines them; importing this module for its plan (tests)
     # must not, since experiments.main and demo define --workdir too.
@@ -258,10 +259,11 @@ def without_kept(runs: list[Run], kept: set[str]) -> list[Run]:
     return [dataclasses.replace(r, dense_only=True) if r.name in kept else r for r in needed]
 
 
-def main(argv):
+def main(argv, plan_fn=None):
+    """Runs the selected part of ``plan_fn()`` (default: this study's :func:`plan`)."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    runs = select(plan(), FLAGS.only)
+    runs = select((plan_fn or plan)(), FLAGS.only)
     from experiments import sweep
 
     if FLAGS.summaries and not FLAGS.rerun_kept:
@@ -294,5 +296,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _define_flags()
+    define_flags()
     app.run(main)
