@@ -266,3 +266,47 @@ def test_live_shapes_list_each_run_most_robust_first_where_five_seeds_ran(tmp_pa
     assert "| run1 | hydra | 1 | 60.00 | 9 x 4 | 56 x 11 |" in text
     section = text.split("## What pruning left of each kernel")[1].split("##")[0]
     assert "| run6 |" not in section and "| old |" not in section
+
+
+def test_dose_response_pairs_by_seed_and_factors(tmp_path):
+    """The dose study's table: differences paired by seed and kappa factors against NumPy."""
+    def summary(method, seed, ens, std, live, op):
+        s = _summary(method, 0.99, seed, ens, live, 9.0)
+        s.update(standard_ensemble_acc=std, num_standard=1000,
+                 live_kappa={"Conv_0/kernel": 10.0 ** live, "Dense_0/kernel": 10.0},
+                 operator_kappa={"Conv_0/kernel": 10.0 ** op},
+                 dense_kappa={"Conv_0/kernel": 3.0, "Dense_0/kernel": 4.0},
+                 dense_operator_kappa={"Conv_0/kernel": 5.0})
+        s["weights_below_1e-3"], s["nonzero_weights_below_1e-3"] = 0.99, 0.1
+        s["dense_weights_below_1e-3"] = 0.3
+        return s
+
+    rows = [("hydra", 0, 0.60, 0.58, 1.0, 2.0), ("hydra", 1, 0.62, 0.61, 1.2, 2.2),
+            ("tscnc_w1", 0, 0.61, 0.60, 0.5, 1.0), ("tscnc_w1", 1, 0.60, 0.60, 0.4, 1.6),
+            ("old_style", 0, 0.5, 0.5, 0.1, 0.1)]
+    for i, (method, seed, ens, std, live, op) in enumerate(rows):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        s = summary(method, seed, ens, std, live, op)
+        if method == "old_style":  # a summary from before the operator kappa: left out
+            del s["operator_kappa"]
+        (d / "summary.json").write_text(json.dumps(s))
+    records = report.load(tmp_path)
+    (row,) = report.dose_response(records)
+    assert (row["method"], row["seeds"]) == ("tscnc_w1", [0, 1])
+    np.testing.assert_allclose(row["standard"], np.mean([0.60 - 0.58, 0.60 - 0.61]))
+    np.testing.assert_allclose(row["standard_std"], np.std([0.02, -0.01], ddof=1))
+    np.testing.assert_allclose(row["ensemble"], np.mean([0.01, -0.02]))
+    # From each summary's median log10 live kappa, geometric mean over the seeds.
+    np.testing.assert_allclose(row["kappa_factor"], 10 ** np.mean([1.0 - 0.5, 1.2 - 0.4]))
+    np.testing.assert_allclose(row["operator_factor"], 10 ** np.mean([1.0, 0.6]))
+    text = report.tables(records)
+    assert "## Dose response: each method against HYDRA, paired by seed" in text
+    line = next(ln for ln in text.splitlines() if ln.startswith("| small_cnn | tscnc_w1 | 99.00 |"
+                                                               " 0, 1 |"))
+    assert line.endswith("| +2.00, -1.00 |")
+    dense = next(ln for ln in text.splitlines()
+                 if ln.startswith("| small_cnn | hydra | 99.00 | dense | 2 |"))
+    assert dense.split(" | ")[5:8] == [f"{np.log10(3.0):.2f}", f"{np.log10(4.0):.2f}",
+                                       f"{np.log10(5.0):.2f}"]
+    assert dense.endswith("| 30.00 % |")
