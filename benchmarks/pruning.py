@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from tscnc_jax import pruning
-from tscnc_jax.schedules import OneShotSchedule, PolynomialSchedule
+from tscnc_jax.pruning.schedules import OneShotSchedule, PolynomialSchedule
 
 VGG16_CHANNELS = [3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
 VGG16_DENSE = [(512, 512), (512, 512), (512, 10)]

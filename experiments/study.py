@@ -31,7 +31,7 @@ Fashion-MNIST, small CNN, eps 0.1, TRADES (each config's full recipe unless ``--
 1. ``dense_trades_s0``, then every method at 99 % sparsity (seed 0): LWM + fine-tune and HYDRA
    prune that plain TRADES model (``init_dir``, ``stages=prune,finetune``); HYDRA + TSC, HYDRA +
    CNC, HYDRA + TSCNC (principled) and the authors'-code TSCNC (gated network) train their own
-   dense stage, with their penalties in it as the method prescribes (METHOD.md section 5);
+   dense stage, with their penalties in it as the method prescribes (docs/method.md section 5);
 2. every method at 90, 95 and 99.5 % (seed 0), from the same dense stages (a penalised method's
    from its 99 % run);
 3. seeds 1 and 2: a dense model each and every method at 99 %;
@@ -105,8 +105,8 @@ SPARSITIES = (0.99, 0.9, 0.95, 0.995)  # 99 % first: the row with several seeds
 SEEDS = (0, 1, 2)
 # Methods whose dense stage is plain TRADES: they prune the seed's shared dense_trades model.
 SHARED_DENSE = ("lwm", "hydra")
-# Methods whose dense stage carries their penalties (METHOD.md section 5, step 1): the first run
-# of each seed trains that dense stage, the method's other sparsities start from it.
+# Methods whose dense stage carries their penalties (docs/method.md section 5, step 1): the first
+# run of each seed trains that dense stage, the method's other sparsities start from it.
 OWN_DENSE = ("hydra_tsc", "hydra_cnc", "hydra_tscnc")
 AUTHORS = "tscnc_authors"  # own dense stage too (a gated network), then HYDRA, no fine-tuning
 METHODS = (*SHARED_DENSE, *OWN_DENSE, AUTHORS)

@@ -18,7 +18,7 @@ def _gated_cnn_params(seed=0, width=4):
 
 
 def _reference(kernel, log_alpha, *, form, a=100.0, n=50_000, wd=5e-4, lam0=1e-3, keep=0.7):
-    """NumPy float64 transcription of METHOD.md section 4 (gated TSC)."""
+    """NumPy float64 transcription of docs/method.md section 4 (gated TSC)."""
     w = np.asarray(kernel, np.float64).reshape(-1, kernel.shape[-1])
     la = np.asarray(log_alpha, np.float64)
     beta, gamma, zeta = 2.0 / 3.0, -0.1, 1.1

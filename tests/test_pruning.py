@@ -11,7 +11,7 @@ import pytest
 
 import tscnc_jax as tj
 from tscnc_jax import pruning
-from tscnc_jax.schedules import IterativeSchedule, OneShotSchedule, PolynomialSchedule
+from tscnc_jax.pruning.schedules import IterativeSchedule, OneShotSchedule, PolynomialSchedule
 from tscnc_jax.tree_utils import apply_masks
 
 SPARSITIES = [0.5, 0.9, 0.95, 0.99, 0.995]
@@ -607,8 +607,14 @@ def test_wrapper_misuse():
 def test_docstring_examples():
     import doctest
 
-    result = doctest.testmod(pruning, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
+    from tscnc_jax.pruning import hydra, masks, schedules, topk, wrapper
+
+    attempted = 0
+    for module in (pruning, hydra, masks, schedules, topk, wrapper):
+        result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0, module.__name__
+        attempted += result.attempted
+    assert attempted > 0
 
 
 def test_scores_to_masks_global_scope():

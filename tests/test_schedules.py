@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tscnc_jax.schedules import (
+from tscnc_jax.pruning.schedules import (
     IterativeSchedule,
     OneShotSchedule,
     PolynomialSchedule,

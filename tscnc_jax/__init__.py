@@ -22,7 +22,6 @@ from tscnc_jax.attacks import (
     fgsm,
     get_attack,
     kl_loss,
-    local_lipschitz,
     margin_loss,
     perturbation_norm,
     pgd,
@@ -36,6 +35,7 @@ from tscnc_jax.evaluation import (
     check_adversarial,
     evaluate_robustness,
 )
+from tscnc_jax.metrics import local_lipschitz
 from tscnc_jax.models import create_model
 from tscnc_jax.penalties import (
     DEFAULT_DELTA,
@@ -65,7 +65,7 @@ from tscnc_jax.pruning import (
     topk_mask,
     topk_mask_ste,
 )
-from tscnc_jax.schedules import (
+from tscnc_jax.pruning.schedules import (
     IterativeSchedule,
     OneShotSchedule,
     PolynomialSchedule,

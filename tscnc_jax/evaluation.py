@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tscnc_jax import _validation
 from tscnc_jax import attacks as _attacks
 
 LogitsFn = Callable[[jax.Array], jax.Array]
@@ -78,7 +79,7 @@ def check_adversarial(
     ``||x_adv - x|| <= eps + atol + rtol * eps``. The default ``atol`` allows the rounding of
     ``x + delta`` in ``x``'s dtype (a few ulps of ``max(|lo|, |hi|, 1)``, times ``sqrt(D)`` for L2).
     """
-    norm = _attacks._check_choice("norm", norm, _attacks.NORMS)
+    norm = _validation.check_choice("norm", norm, _attacks.NORMS)
     lo, hi = _attacks.check_bounds(bounds)
     x = np.asarray(x)
     x_adv = np.asarray(x_adv)
@@ -320,13 +321,15 @@ def evaluate_robustness(
       AttackSoundnessError: an attack left the threat model or the numbers are inconsistent.
     """
     t_start = time.perf_counter()
-    norm = _attacks._check_choice("norm", norm, _attacks.NORMS)
+    norm = _validation.check_choice("norm", norm, _attacks.NORMS)
     lo, hi = _attacks.check_bounds(bounds)
     _attacks.check_eps(eps)
     eps = float(eps)
     key = jax.random.key(0) if key is None else key
     x_all, y_all, default_bs = _collect(dataset_batches)
-    batch_size = default_bs if batch_size is None else _attacks._check_int("batch_size", batch_size)
+    if batch_size is not None:
+        batch_size = _validation.check_int("batch_size", batch_size)
+    batch_size = default_bs if batch_size is None else batch_size
     n = len(y_all)
 
     if not np.all(np.isfinite(x_all)):

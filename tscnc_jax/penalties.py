@@ -17,7 +17,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
-from tscnc_jax import defaults, sparsity, spectral, tree_utils
+from tscnc_jax import _validation, defaults, sparsity, spectral, tree_utils
 
 Array = jax.Array
 
@@ -75,9 +75,9 @@ def condition_number_penalty(
     if form not in ("smooth", "log_det"):
         raise ValueError(f"`form` must be 'smooth' or 'log_det', got {form!r}.")
     check_reduce(reduce)
-    spectral.check_nonnegative("temperature", temperature, strict=True)
-    spectral.check_nonnegative("delta", delta)
-    spectral.check_nonnegative("eps", eps)
+    _validation.check_nonnegative("temperature", temperature, strict=True)
+    _validation.check_nonnegative("delta", delta)
+    _validation.check_nonnegative("eps", eps)
     terms = []
     for _, kernel, mask in tree_utils.named_leaves(params, masks, filter_fn):
         if form == "smooth":
@@ -131,12 +131,12 @@ def transformed_sparsity_penalty(
     Returns:
       A scalar (0 when no kernel is selected).
     """
-    spectral.check_nonnegative("a", a, strict=True)
-    spectral.check_nonnegative("eps", eps)
+    _validation.check_nonnegative("a", a, strict=True)
+    _validation.check_nonnegative("eps", eps)
     check_reduce(reduce, TSC_REDUCTIONS)
     terms, count = [], 0
     for _, kernel, mask in tree_utils.named_leaves(params, masks, filter_fn):
-        w = spectral._masked(kernel, mask)
+        w = spectral.masked_kernel(kernel, mask)
         layer = jnp.sum(sparsity.transformed_l1(w, a=a, eps=eps))
         terms.append(layer / w.size if reduce == "layer_mean" else layer)
         count += w.size
@@ -181,9 +181,9 @@ def gated_sparsity_penalty(
     if form not in ("textbook", "authors_code"):
         raise ValueError(f"`form` must be 'textbook' or 'authors_code', got {form!r}.")
     for name, value in (("a", a), ("num_train", num_train), ("prior_keep", prior_keep)):
-        spectral.check_nonnegative(name, value, strict=True)
-    spectral.check_nonnegative("weight_decay", weight_decay)
-    spectral.check_nonnegative("lambda0", lambda0)
+        _validation.check_nonnegative(name, value, strict=True)
+    _validation.check_nonnegative("weight_decay", weight_decay)
+    _validation.check_nonnegative("lambda0", lambda0)
     tree_utils.check_masks(params, masks)
     flat = {tree_utils.path_to_str(p): leaf
             for p, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}

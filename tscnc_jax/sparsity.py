@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from tscnc_jax import defaults
-from tscnc_jax.spectral import _check_kernel, _masked, check_nonnegative
+from tscnc_jax._validation import check_kernel, check_nonnegative
+from tscnc_jax.spectral import masked_kernel
 
 Array = jax.Array
 
@@ -179,7 +180,7 @@ def gated_tsc_penalty(
     check_nonnegative("weight_decay", weight_decay)
     check_nonnegative("lambda0", lambda0)
     check_nonnegative("prior_keep", prior_keep, strict=True)
-    kernel = _masked(_check_kernel(kernel), mask)
+    kernel = masked_kernel(check_kernel(kernel), mask)
     log_alpha = jnp.asarray(log_alpha)
     if log_alpha.shape != (kernel.shape[-1],):
         raise ValueError(

@@ -25,48 +25,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from tscnc_jax import tree_utils
+from tscnc_jax._validation import check_kernel, check_nonnegative
 
 Array = jax.Array
 
 
 # ----------------------------------------------------------------------------------------------
-# Validation helpers (shared with the penalties).
+# Helpers.
 # ----------------------------------------------------------------------------------------------
 
 
-def _is_concrete(x: Any) -> bool:
-    return not isinstance(x, jax.core.Tracer)
-
-
-def check_nonnegative(name: str, value: Any, *, strict: bool = False) -> None:
-    """Raises ``ValueError`` if a concrete scalar ``value`` is negative (or zero when ``strict``).
-
-    Traced values (e.g. a schedule's output under ``jit``) cannot be checked and pass through.
-    """
-    if value is None or not _is_concrete(value) or callable(value):
-        return
-    v = np.asarray(value)
-    if v.ndim != 0:
-        raise ValueError(f"`{name}` must be a scalar, got shape {v.shape}.")
-    if not np.isfinite(v) or v < 0 or (strict and v == 0):
-        bound = "> 0" if strict else ">= 0"
-        raise ValueError(f"`{name}` must be finite and {bound}, got {float(v)!r}.")
-
-
-def _check_kernel(kernel: Any, name: str = "kernel") -> Array:
-    kernel = jnp.asarray(kernel)
-    if not jnp.issubdtype(kernel.dtype, jnp.floating):
-        raise ValueError(f"`{name}` must have a floating dtype, got {kernel.dtype}.")
-    if kernel.ndim < 2:
-        raise ValueError(
-            f"`{name}` must have ndim >= 2 (a Dense (in, out) or Conv (..., c_in, c_out) kernel), "
-            f"got shape {tuple(kernel.shape)}."
-        )
-    return kernel
-
-
-def _masked(kernel: Any, mask: Any | None) -> Array:
-    kernel = _check_kernel(kernel)
+def masked_kernel(kernel: Any, mask: Any | None = None) -> Array:
+    """``kernel * mask`` (``kernel`` when ``mask`` is ``None``), checked: a floating kernel of
+    ndim >= 2 and a mask of its shape (``ValueError`` otherwise)."""
+    kernel = check_kernel(kernel)
     if mask is None:
         return kernel
     mask = jnp.asarray(mask)
@@ -127,7 +99,7 @@ def singular_values(kernel: Any, mask: Any | None = None) -> Array:
       float32. Differentiable; the gradient of ``sigma_i`` is ``u_i v_i^T`` (finite also for
       repeated or zero singular values).
     """
-    m = as_matrix(_masked(kernel, mask))
+    m = as_matrix(masked_kernel(kernel, mask))
     m = m.astype(_compute_dtype(m.dtype))
     return jnp.linalg.svd(m, full_matrices=False, compute_uv=False)
 
@@ -155,7 +127,7 @@ def live_singular_value_count(
     shapes, no Python branch on values): the length of the prefix of the descending
     :func:`singular_values` that is the live spectrum. No gradient flows through it.
     """
-    m = jax.lax.stop_gradient(as_matrix(_masked(kernel, mask)))
+    m = jax.lax.stop_gradient(as_matrix(masked_kernel(kernel, mask)))
     m = m.astype(_compute_dtype(m.dtype))
     nonzero = m != 0
     rows = jnp.sum(jnp.any(nonzero, axis=1), dtype=jnp.int32)
@@ -218,7 +190,7 @@ def condition_number(kernel: Any, mask: Any | None = None) -> Array:
     differentiable penalty. Computed in the kernel's dtype: in float32, kappa above ~1e6 is
     unreliable; :func:`tree_condition_numbers` reports in float64.
     """
-    m = as_matrix(_masked(kernel, mask))
+    m = as_matrix(masked_kernel(kernel, mask))
     s = singular_values(m)
     smax, smin = s[0], s[-1]
     singular = _rank_deficient(s, m.shape, s.dtype)
@@ -390,10 +362,10 @@ def log_det_condition_penalty(kernel: Any, *, eps: float = 1e-5, mask: Any | Non
     normalised squared singular values to 1, a volume constraint rather than a bound on
     ``sigma_max / sigma_min``.
 
-    Known behaviour, kept for faithful comparison (see ``METHOD.md``): when ``n_out > n_in`` the
-    Gram matrix is singular and the term is the constant ``log(eps)^2``; for many outputs (e.g.
-    100 classes) the determinant underflows to 0 in float32 and the term is again constant with
-    zero gradient. Prefer :func:`smooth_log_condition_number`.
+    Known behaviour, kept for faithful comparison (``docs/method.md`` section 3): when ``n_out >
+    n_in`` the Gram matrix is singular and the term is the constant ``log(eps)^2``; for many
+    outputs (e.g. 100 classes) the determinant underflows to 0 in float32 and the term is again
+    constant with zero gradient. Prefer :func:`smooth_log_condition_number`.
 
     Args:
       kernel: floating array of ndim >= 2.
@@ -404,7 +376,7 @@ def log_det_condition_penalty(kernel: Any, *, eps: float = 1e-5, mask: Any | Non
       A scalar.
     """
     check_nonnegative("eps", eps)
-    w = as_matrix(_masked(kernel, mask))
+    w = as_matrix(masked_kernel(kernel, mask))
     w = w.astype(_compute_dtype(w.dtype))
     gram = w.T @ w / w.shape[1]
     return jnp.square(jnp.log(jnp.asarray(eps, w.dtype) + jnp.linalg.det(gram)))
@@ -416,7 +388,7 @@ def log_det_condition_penalty(kernel: Any, *, eps: float = 1e-5, mask: Any | Non
 
 
 def _conv_kernel_on_grid(kernel: Any, input_shape: Any) -> tuple[Any, tuple[int, int]]:
-    kernel = _check_kernel(kernel)
+    kernel = check_kernel(kernel)
     if kernel.ndim != 4:
         raise ValueError(f"`kernel` must be a 2-D convolution kernel (kh, kw, c_in, c_out), got "
                          f"shape {tuple(kernel.shape)}.")
@@ -470,7 +442,7 @@ def conv_operator_singular_values(
       real compute dtype (at least float32). Differentiable.
     """
     kernel, (h, w) = _conv_kernel_on_grid(kernel, input_shape)
-    k = _masked(kernel, mask)
+    k = masked_kernel(kernel, mask)
     k = k.astype(_compute_dtype(k.dtype))
     transfer = jnp.fft.fft2(_fold_taps(k, h, w, jnp), axes=(0, 1))  # (h, w, c_in, c_out)
     s = jnp.linalg.svd(transfer, compute_uv=False).reshape(-1)

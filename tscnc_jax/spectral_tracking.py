@@ -122,7 +122,6 @@ References:
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -132,7 +131,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from tscnc_jax import defaults, penalties, spectral, transforms, tree_utils
+from tscnc_jax import _validation, defaults, penalties, spectral, transforms, tree_utils
 
 Array = jax.Array
 
@@ -173,24 +172,12 @@ class TrackedSingularVectors(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-    try:
-        as_int = operator.index(value)
-    except TypeError:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.") from None
-    if as_int < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-    return as_int
-
-
 def _check_k(k: Any) -> int | dict[str, int]:
     if isinstance(k, Mapping):
         if not k:
             raise ValueError("`k` is an empty mapping; give an int or one entry per kernel.")
-        return {str(name): _check_int(f"k[{name!r}]", v, minimum=1) for name, v in k.items()}
-    return _check_int("k", k, minimum=1)
+        return {str(name): _validation.check_int(f"k[{name!r}]", v) for name, v in k.items()}
+    return _validation.check_int("k", k)
 
 
 def _ks_for(k: int | dict[str, int], names: list[str]) -> dict[str, int]:
@@ -207,8 +194,8 @@ def _ks_for(k: int | dict[str, int], names: list[str]) -> dict[str, int]:
 
 
 def _check_surrogate(temperature: Any, delta: Any) -> None:
-    spectral.check_nonnegative("temperature", temperature, strict=True)
-    spectral.check_nonnegative("delta", delta)
+    _validation.check_nonnegative("temperature", temperature, strict=True)
+    _validation.check_nonnegative("delta", delta)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,7 +204,7 @@ def _check_surrogate(temperature: Any, delta: Any) -> None:
 
 
 def _matrix(kernel: Any, mask: Any | None) -> Array:
-    m = spectral.as_matrix(spectral._masked(kernel, mask))
+    m = spectral.as_matrix(spectral.masked_kernel(kernel, mask))
     return m.astype(spectral._compute_dtype(m.dtype))
 
 
@@ -486,7 +473,7 @@ def _placeholder_vectors(params, k, masks, filter_fn) -> dict[str, TrackedSingul
     leaves = tree_utils.named_leaves(params, masks, filter_fn)
     ks = _ks_for(k, [name for name, _, _ in leaves])
     for name, kernel, _ in leaves:
-        spectral._check_kernel(kernel, name)
+        _validation.check_kernel(kernel, name)
         fan_in, fan_out = spectral.as_matrix(kernel).shape
         k_top, k_bottom = block_sizes((fan_in, fan_out), ks[name])
         dtype = spectral._compute_dtype(kernel.dtype)
@@ -525,7 +512,7 @@ def refine_tracked_vectors(
     Returns:
       Refined vectors with the structure of ``vectors``.
     """
-    iterations = _check_int("iterations", iterations, minimum=1)
+    iterations = _validation.check_int("iterations", iterations)
     return {
         name: _refine_vectors(m, vec, iterations, live)
         for name, m, vec in _kernels_with_vectors(params, vectors, masks, filter_fn)
@@ -784,13 +771,13 @@ def add_tracked_condition_number_penalty(
       >>> grads = jax.tree.map(jnp.zeros_like, params)
       >>> updates, state = jax.jit(tx.update)(grads, state, params)
     """
-    spectral.check_nonnegative("weight", weight)
+    _validation.check_nonnegative("weight", weight)
     _check_surrogate(temperature, delta)
     penalties.check_reduce(reduce)
     k = _check_k(k)
-    iterations = _check_int("iterations", iterations, minimum=1)
+    iterations = _validation.check_int("iterations", iterations)
     if resync_every is not None:
-        resync_every = _check_int("resync_every", resync_every, minimum=1)
+        resync_every = _validation.check_int("resync_every", resync_every)
 
     def init_fn(params):
         return transforms.ConditionNumberPenaltyState(

@@ -4,7 +4,7 @@ The step is written once, per device; :mod:`tscnc_jax.parallel` wraps it in ``ja
 ``jax.shard_map``. Everything that changes between runs is bound by the ``make_*`` factories
 (model, optimizer, attack, loss); the state is a pytree of arrays.
 
-Objective (METHOD.md section 5)::
+Objective (docs/method.md section 5)::
 
     loss = L_adv(params) [+ lambda_s R_TSC + lambda_c R_CNC + weight decay, through optax]
 

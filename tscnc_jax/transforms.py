@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from tscnc_jax import defaults, penalties, spectral, tree_utils
+from tscnc_jax import _validation, defaults, penalties, tree_utils
 
 
 class ConditionNumberPenaltyState(NamedTuple):
@@ -79,7 +79,7 @@ def _add_penalty_gradient(
     name: str,
     state_cls: type,
 ) -> optax.GradientTransformation:
-    spectral.check_nonnegative("weight", weight)
+    _validation.check_nonnegative("weight", weight)
 
     def init_fn(params):
         del params

@@ -86,7 +86,7 @@ def get_base_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.model.name = "small_cnn"
     c.model.kwargs = ml_collections.ConfigDict()
 
-    # Adversarial training (METHOD.md section 5).
+    # Adversarial training (docs/method.md section 5).
     c.loss = "trades"  # clean | pgd_at | trades | mart
     c.beta = 6.0
     c.eps = 0.1

@@ -9,7 +9,7 @@ on CIFAR/SVHN the gated WideResNet-28-10 the authors use), the structured TSC wi
 ``[log(1e-5 + det(W^T W / C))]^2`` on the final Dense layer only (weight 1), gates clamped to
 ``[log 0.01, log 100]`` after every step, then HYDRA score pruning and no fine-tuning (the
 authors' code never calls its fine-tuning stage). Not reproduced: their bias-corrected EMA and
-best-on-test checkpoint selection (METHOD.md section 6). On MNIST-scale data the HYDRA top-k is
+best-on-test checkpoint selection (docs/method.md section 6). On MNIST-scale data the HYDRA top-k is
 global, as in every config here (``prune.scope``, see ``base.py``); the authors' own rule is
 ``--config.prune.scope=layer``.
 

@@ -24,6 +24,8 @@ from typing import Any, Literal, Protocol
 import jax
 import jax.numpy as jnp
 
+from tscnc_jax import _validation
+
 Array = jax.Array
 
 
@@ -60,11 +62,6 @@ def check_sparsity(sparsity: Any, name: str = "sparsity") -> None:
         )
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-
-
 def _as_float(target: Any) -> Array:
     check_sparsity(target, "target")
     return jnp.asarray(target, jnp.float32)
@@ -80,7 +77,7 @@ class OneShotSchedule:
     step: int = 0
 
     def __post_init__(self):
-        _check_int("step", self.step, 0)
+        _validation.check_int("step", self.step, 0)
 
     def get_sparsity_at_step(self, target: Any, step: Any) -> Array:
         target = _as_float(target)
@@ -110,9 +107,9 @@ class IterativeSchedule:
     spacing: Literal["geometric", "linear"] = "geometric"
 
     def __post_init__(self):
-        _check_int("num_rounds", self.num_rounds, 1)
-        _check_int("round_length", self.round_length, 1)
-        _check_int("begin_step", self.begin_step, 0)
+        _validation.check_int("num_rounds", self.num_rounds, 1)
+        _validation.check_int("round_length", self.round_length, 1)
+        _validation.check_int("begin_step", self.begin_step, 0)
         if self.spacing not in ("geometric", "linear"):
             raise ValueError(f"`spacing` must be 'geometric' or 'linear', got {self.spacing!r}.")
 
@@ -164,9 +161,9 @@ class PolynomialSchedule:
     initial_sparsity: float = 0.0
 
     def __post_init__(self):
-        _check_int("begin_step", self.begin_step, 0)
-        _check_int("end_step", self.end_step, self.begin_step + 1)
-        _check_int("update_freq", self.update_freq, 1)
+        _validation.check_int("begin_step", self.begin_step, 0)
+        _validation.check_int("end_step", self.end_step, self.begin_step + 1)
+        _validation.check_int("update_freq", self.update_freq, 1)
         if not self.power > 0:
             raise ValueError(f"`power` must be > 0, got {self.power!r}.")
         check_sparsity(self.initial_sparsity, "initial_sparsity")

@@ -1,0 +1,115 @@
+"""Adversarial attacks as pure functions over a ``logits_fn(x) -> logits``.
+
+Every attack has the signature ``attack(logits_fn, x, y, *, key, eps, norm, bounds, ...)`` and
+returns adversarial inputs of the shape and dtype of ``x``. Hyperparameters that change the shape of
+the computation (steps, restarts, targets, queries, the loss and the norm) are static Python values;
+``eps`` may be a traced scalar. Nothing is jitted here: callers jit, e.g.::
+
+    attack = jax.jit(lambda x, y, key: apgd(logits_fn, x, y, key=key, eps=8 / 255))
+    x_adv = attack(x_BxHxWxC, y_B, jax.random.key(0))
+
+Conventions shared by all attacks:
+
+* Threat models: ``norm="linf"`` (``||x_adv - x||_inf <= eps``) and ``norm="l2"``
+  (``||x_adv - x||_2 <= eps``, per example), always intersected with the box
+  ``bounds = (lo, hi)``.
+* Iterations run in ``lax.scan`` / ``lax.fori_loop`` / ``lax.while_loop``; bookkeeping is per
+  example with ``jnp.where``. Each attack returns, per example, the best point it evaluated: a
+  misclassified point if it found one (the one of highest loss), otherwise the point of highest
+  loss. Restarts only matter for points no restart has broken yet, and are skipped once the whole
+  batch is broken; an APGD or Square run also stops as soon as every example of the batch is
+  broken (nothing it could still find changes the robust accuracy).
+* ``logits_fn`` must treat examples independently (no batch statistics): gradients are taken of the
+  sum of per-example losses.
+* Argument checks: static arguments are checked eagerly (``ValueError`` naming the argument). The
+  data checks (``x`` inside ``bounds``, labels in ``[0, n_classes)``, ``eps >= 0``) run when the
+  values are concrete and are skipped under tracing;
+  :func:`tscnc_jax.evaluation.evaluate_robustness` checks its data eagerly before jitting.
+
+Losses (all maximised by the attacker, per example; ``z`` are the logits, ``y`` the label):
+
+* ``"ce"``: cross-entropy ``logsumexp(z) - z_y``.
+* ``"cw"``: Carlini-Wagner margin ``max_{j != y} z_j - z_y`` (Carlini and Wagner 2017).
+* ``"dlr"``: difference of logits ratio ``-(z_y - max_{j != y} z_j) / (z_pi1 - z_pi3 + 1e-12)``,
+  with ``z_pi1 >= z_pi2 >= ...`` the sorted logits (Croce and Hein 2020).
+* ``"dlr-targeted"``: ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2 + 1e-12)`` for a target ``t``.
+* ``"kl"``: ``KL(softmax(z_clean) || softmax(z))`` to the clean prediction, the inner loss of TRADES
+  (Zhang et al. 2019).
+
+References:
+
+* Goodfellow, Shlens, Szegedy 2015, "Explaining and harnessing adversarial examples" (FGSM).
+* Madry et al. 2018, "Towards deep learning models resistant to adversarial attacks" (PGD).
+* Croce and Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of diverse
+  parameter-free attacks", arXiv 2003.01690 (APGD, DLR loss, AutoAttack).
+* Andriushchenko, Croce, Flammarion, Hein 2020, "Square Attack: a query-efficient black-box
+  adversarial attack via random search", arXiv 1912.00049.
+"""
+
+from tscnc_jax.attacks._common import (
+    APGD_LOSSES,
+    INITS,
+    NORMS,
+    PGD_LOSSES,
+    AttackFn,
+    LogitsFn,
+    check_bounds,
+    check_eps,
+    cross_entropy_loss,
+    dlr_loss,
+    kl_loss,
+    margin_loss,
+    perturbation_norm,
+    project,
+)
+from tscnc_jax.attacks.apgd import apgd, apgd_ce, apgd_checkpoints, apgd_t
+from tscnc_jax.attacks.autoattack import (
+    ATTACKS,
+    AUTOATTACK_ATTACKS,
+    AUTOATTACK_FAST,
+    AUTOATTACK_STANDARD,
+    AUTOATTACK_VERSIONS,
+    AutoAttackConfig,
+    AutoAttackResult,
+    auto_attack,
+    autoattack_members,
+    get_attack,
+)
+from tscnc_jax.attacks.pgd import fgsm, pgd, pgd_loss_curve
+from tscnc_jax.attacks.square import square, square_p_schedule
+
+__all__ = [
+    "APGD_LOSSES",
+    "ATTACKS",
+    "AUTOATTACK_ATTACKS",
+    "AUTOATTACK_FAST",
+    "AUTOATTACK_STANDARD",
+    "AUTOATTACK_VERSIONS",
+    "INITS",
+    "NORMS",
+    "PGD_LOSSES",
+    "AttackFn",
+    "AutoAttackConfig",
+    "AutoAttackResult",
+    "LogitsFn",
+    "apgd",
+    "apgd_ce",
+    "apgd_checkpoints",
+    "apgd_t",
+    "auto_attack",
+    "autoattack_members",
+    "check_bounds",
+    "check_eps",
+    "cross_entropy_loss",
+    "dlr_loss",
+    "fgsm",
+    "get_attack",
+    "kl_loss",
+    "margin_loss",
+    "perturbation_norm",
+    "pgd",
+    "pgd_loss_curve",
+    "project",
+    "square",
+    "square_p_schedule",
+]
