@@ -3,6 +3,7 @@
     python -m experiments.evaluate --workdir=runs/study/lenet5_hydra_95_s0 \\
         --summaries=docs/results/study                  # all the run's test images
     python -m experiments.evaluate --workdir=... --num=2000 --chunk=500
+    python -m experiments.evaluate --workdir=... --spectral --summaries=...  # see spectral()
 
 A run evaluates the standard ensemble on the first ``config.eval.num_standard`` test images only
 (the short schedule: 500), because on a CPU it costs about 4 s per image for a robust model; this
@@ -52,6 +53,10 @@ def _define_flags() -> None:
     flags.DEFINE_integer("first", 0, "Evaluate only chunks starting at or after this image.")
     flags.DEFINE_integer("last", None, "Evaluate only chunks starting before this image.")
     flags.DEFINE_string("summaries", None, "Also copy standard.json to <summaries>/<run>/.")
+    flags.DEFINE_bool("spectral", False, "Instead of attacking: recompute the run's spectral "
+                      "report (kappa, operator kappa, ...) with the current definitions into "
+                      "spectral.json (and <summaries>/<run>/), which the report reads in place "
+                      "of the summary's.")
     flags.mark_flags_as_required(["workdir"])
 
 ATTACKS = "standard"
@@ -134,10 +139,7 @@ def run(workdir: str | pathlib.Path, *, num: int | None = None, chunk: int = 500
     todo = [s for s in starts if s >= first and (last is None or s < last)
             and not (out_dir / f"{s:06d}.json").exists()]
     if todo:
-        trained = train.restore(config, workdir)
-        if int(trained.state.step) != int(summary["evaluated_step"]):
-            raise ValueError(f"{workdir}'s checkpoint is at step {int(trained.state.step)}, its "
-                             f"summary at step {summary['evaluated_step']}.")
+        _, _, trained = _finished_run(workdir)
         logits_fn = train.logits_function(config, trained.model, trained.state)
         x, y = train.test_arrays(trained.data, num)
         for s in todo:
@@ -163,11 +165,65 @@ def run(workdir: str | pathlib.Path, *, num: int | None = None, chunk: int = 500
     return totals
 
 
+def _finished_run(workdir: pathlib.Path):
+    summary_path = workdir / "summary.json"
+    if not summary_path.exists():
+        raise FileNotFoundError(f"{summary_path} does not exist: --workdir must be a finished run "
+                                f"(python -m experiments.main ... --workdir={workdir}).")
+    summary = json.loads(summary_path.read_text())
+    config = ml_collections.ConfigDict(summary["config"])
+    trained = train.restore(config, workdir)
+    if int(trained.state.step) != int(summary["evaluated_step"]):
+        raise ValueError(f"{workdir}'s checkpoint is at step {int(trained.state.step)}, its "
+                         f"summary at step {summary['evaluated_step']}.")
+    return summary, config, trained
+
+
+def spectral(workdir: str | pathlib.Path) -> dict:
+    """The run's spectral report recomputed with the current definitions (``spectral.json``).
+
+    ``experiments.train.spectral_report`` of the evaluated network and of the dense model a
+    pruned run started from. Summaries keep what their run measured; when a definition changes
+    (the live rank, the operator's live channels), this records the new values beside them and
+    :mod:`experiments.report` reads them instead. The spectral norms do not depend on any such
+    definition: they must equal the summary's, or the checkpoints are not the summarised model.
+    """
+    workdir = pathlib.Path(workdir)
+    summary, config, trained = _finished_run(workdir)
+    params = train.evaluated_params(config, trained.state)
+    report = train.spectral_report(params, trained.masks,
+                                   train.conv_inputs(trained.model, trained.state, trained.data))
+    for name, value in summary["sigma_max"].items():
+        if not np.isclose(report["sigma_max"][name], value, rtol=1e-6, atol=0.0):
+            raise ValueError(f"{workdir}: sigma_max of {name} is {report['sigma_max'][name]}, the "
+                             f"summary's {value}: not the model the summary evaluated.")
+    out = dict(report)
+    if trained.dense_report is not None:
+        before = trained.dense_report
+        out.update(dense_kappa=before["kappa"], dense_sigma_max=before["sigma_max"],
+                   **{"dense_weights_below_1e-3": before["weights_below_1e-3"]})
+        if "operator_kappa" in before:
+            out["dense_operator_kappa"] = before["operator_kappa"]
+    train._write_atomic(workdir / "spectral.json", json.dumps(out, indent=2))
+    return out
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
     tj.set_fast_cpu_flags()
+    if FLAGS.spectral:
+        workdir = pathlib.Path(FLAGS.workdir)
+        spectral(workdir)
+        if FLAGS.summaries:
+            dest = pathlib.Path(FLAGS.summaries) / workdir.name
+            if not (dest / "summary.json").exists():
+                raise FileNotFoundError(f"{dest / 'summary.json'} does not exist: --summaries "
+                                        f"must hold this run's kept summary.")
+            train._write_atomic(dest / "spectral.json", (workdir / "spectral.json").read_text())
+        print(f"{workdir}: spectral report recomputed into spectral.json")
+        return
     totals = run(FLAGS.workdir, num=FLAGS.num, chunk=FLAGS.chunk, first=FLAGS.first,
                  last=FLAGS.last)
     if totals is None:

@@ -153,12 +153,16 @@ def _summary(path: pathlib.Path) -> dict:
     standard = path.parent / "standard.json"
     if standard.exists():
         summary = with_standard(summary, json.loads(standard.read_text()))
+    spectral = path.parent / "spectral.json"  # recomputed with newer definitions
+    if spectral.exists():
+        summary = {**summary, **json.loads(spectral.read_text())}
     return summary
 
 
 def load(summaries: str | pathlib.Path) -> list[Record]:
     """Every finished run under ``summaries``, sorted by model, loss, method, sparsity, seed;
-    a run's ``standard.json`` (``experiments.evaluate``) replaces its standard-ensemble subset."""
+    a run's ``standard.json`` (``experiments.evaluate``) replaces its standard-ensemble subset,
+    its ``spectral.json`` (``experiments.evaluate --spectral``) its spectral fields."""
     root = pathlib.Path(summaries)
     records = [_record(p.parent.name, _summary(p)) for p in sorted(root.glob("*/summary.json"))]
     if not records:

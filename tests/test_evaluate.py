@@ -96,6 +96,22 @@ def test_chunks_reproduce_the_run_resume_and_feed_the_report(tmp_path):
     (record,) = report.load(tmp_path / "kept")
     assert record.num_standard == 64 and record.standard == totals["standard_ensemble_acc"]
     assert record.fast_on_standard_subset == summary["ensemble_acc"]
+    # The spectral report recomputed from the checkpoints: with the definitions the run used, it
+    # is the summary's; the report reads spectral.json in place of the summary's fields.
+    recomputed = evaluate.spectral(run)
+    for field in ("kappa", "full_kappa", "operator_kappa", "live_shape", "live_rank",
+                  "dense_kappa", "dense_operator_kappa", "weights_below_1e-3"):
+        assert recomputed[field] == summary[field], field
+    changed = {**recomputed, "median_log10_live_kappa": 1.5,
+               "operator_kappa": dict.fromkeys(recomputed["operator_kappa"], 10.0)}
+    (kept / "spectral.json").write_text(json.dumps(changed))
+    (record,) = report.load(tmp_path / "kept")
+    assert record.log10_live_kappa == 1.5 and set(dict(record.operator_kappa).values()) == {10.0}
+    wrong = json.loads((run / "summary.json").read_text())
+    wrong["sigma_max"] = {k: 2 * v for k, v in wrong["sigma_max"].items()}
+    (run / "summary.json").write_text(json.dumps(wrong))
+    with pytest.raises(ValueError, match="not the model the summary evaluated"):
+        evaluate.spectral(run)
 
 
 def test_a_chunk_another_process_finished_meanwhile_is_skipped(tmp_path, monkeypatch):

@@ -363,3 +363,22 @@ def test_structural_rank_deficiency_inside_the_live_block():
         vectors = st.init_tracked_vectors(params, k=k)
         got = st.tracked_condition_number_penalty(params, vectors, temperature=TAU, delta=DELTA)
         np.testing.assert_allclose(float(got), expected, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.usefixtures("x64")
+def test_operator_kappa_leaves_out_a_structural_channel_deficiency():
+    """Filters 1 and 2 read input channel 0 only: every transfer matrix has rank <= 2 whatever
+    the taps, so its third singular value is structural and left out of the live kappa."""
+    rng = np.random.default_rng(41)
+    k = np.zeros((3, 3, 3, 3))
+    k[:, :, :, 0] = rng.standard_normal((3, 3, 3))
+    k[:, :, 0, 1] = rng.standard_normal((3, 3))
+    k[:, :, 0, 2] = rng.standard_normal((3, 3))
+    grid = (4, 4)
+    per_frequency = np.linalg.svd(np.fft.fft2(k, s=grid, axes=(0, 1)), compute_uv=False)
+    assert per_frequency[..., 2].max() < 1e-12  # the structural zero at every frequency
+    kept = np.sort(per_frequency[..., :2].ravel())[::-1]
+    live = spectral.host_conv_operator_condition_number(k, grid)
+    assert (live["live_in"], live["live_out"], live["live_rank"]) == (3, 3, 2)
+    np.testing.assert_allclose(live["kappa"], kept[0] / kept[-1], rtol=1e-10)
+    assert spectral.host_conv_operator_condition_number(k, grid, live=False)["kappa"] == np.inf

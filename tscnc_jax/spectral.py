@@ -458,11 +458,16 @@ def host_conv_operator_condition_number(
     that no weight reads and the output channels with no weight are dropped first (their
     operator singular values are zero by the kernel's structure, at every frequency, as with the
     all-zero rows and columns of :func:`tree_live_condition_numbers`); the live operator is rank
-    deficient, and its ``kappa`` infinite, only if its own transfer matrices are. Rank deficiency
-    uses NumPy's ``matrix_rank`` tolerance on the operator's shape.
+    deficient, and its ``kappa`` infinite, only if its own transfer matrices are. A sparse
+    channel pattern (which input channels each filter reads through any tap) can also cap the
+    rank of every transfer matrix, whatever the weights: each frequency then keeps only its
+    ``live_rank`` largest singular values, ``live_rank`` the pattern's structural rank
+    (:func:`host_structural_rank`). Rank deficiency of what is kept uses NumPy's ``matrix_rank``
+    tolerance on the operator's shape.
 
     Returns:
-      ``{"kappa", "sigma_max", "live_in", "live_out"}`` (``live_*``: the channels kept).
+      ``{"kappa", "sigma_max", "live_in", "live_out", "live_rank"}`` (``live_*``: the channels
+      kept, and the rank kept per frequency).
     """
     kernel, (h, w) = _conv_kernel_on_grid(kernel, input_shape)
     k = np.asarray(jax.device_get(kernel), np.float64)
@@ -471,9 +476,13 @@ def host_conv_operator_condition_number(
     if live:
         k = k[:, :, np.any(k != 0, axis=(0, 1, 3))][..., np.any(k != 0, axis=(0, 1, 2))]
     c_in, c_out = k.shape[2:]
-    if not k.size:
-        return {"kappa": float("inf"), "sigma_max": 0.0, "live_in": c_in, "live_out": c_out}
-    s = np.sort(np.linalg.svd(np.fft.fft2(_fold_taps(k, h, w, np), axes=(0, 1)),
-                              compute_uv=False).ravel())[::-1]
+    rank = host_structural_rank(np.any(k != 0, axis=(0, 1))) if live else min(c_in, c_out)
+    if not k.size or not rank:
+        return {"kappa": float("inf"), "sigma_max": 0.0, "live_in": int(c_in),
+                "live_out": int(c_out), "live_rank": int(rank)}
+    per_frequency = np.linalg.svd(np.fft.fft2(_fold_taps(k, h, w, np), axes=(0, 1)),
+                                  compute_uv=False)  # (h, w, min(c_in, c_out)), descending
+    s = np.sort(per_frequency[..., :rank].ravel())[::-1]
     return {"kappa": host_condition_number(s, (h * w * c_in, h * w * c_out)),
-            "sigma_max": float(s[0]), "live_in": int(c_in), "live_out": int(c_out)}
+            "sigma_max": float(s[0]), "live_in": int(c_in), "live_out": int(c_out),
+            "live_rank": int(rank)}
