@@ -7,8 +7,8 @@ state. Rerunning the same command resumes: finished stages are loaded, the runni
 from its latest checkpoint at the exact batch (the data order is a function of (seed, epoch)).
 
 Outputs in ``workdir``: ``metrics.jsonl`` (one JSON object per logged step or evaluation), the
-same scalars as TensorBoard event files in ``tensorboard/`` (written without TensorFlow, see
-:mod:`experiments.tensorboard`), ``summary.json`` and ``results.md`` (clean and robust accuracy
+same scalars as TensorBoard event files in ``tensorboard/`` (tensorboardX, no TensorFlow),
+``summary.json`` and ``results.md`` (clean and robust accuracy
 per attack, measured sparsity, per-layer condition numbers of the pruned kernels, product of
 sigma_max), and the PNG figures of :mod:`experiments.plots`. A progress bar with ETA goes to
 stdout.
@@ -35,9 +35,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import tensorboardX
 
 import tscnc_jax as tj
-from experiments import checkpoints, plots, tensorboard
+from experiments import checkpoints, plots
 from experiments import data as data_lib
 from tscnc_jax import models as tj_models
 from tscnc_jax import spectral, training
@@ -196,7 +197,7 @@ def _run_loop(
     best_path = stage_dir / "best_val.json"
     best_val = json.loads(best_path.read_text())["robust_acc"] if best_path.exists() else -math.inf
     progress = _Progress(stage, total, start, enabled=config.progress)
-    tb = tensorboard.ScalarWriter(workdir / "tensorboard")
+    tb = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
     batches = None
     for global_step in range(start, total):
         epoch, index = divmod(global_step, steps_per_epoch)
@@ -222,12 +223,14 @@ def _run_loop(
             host = _host(metrics)
             _jsonl(metrics_path, {"stage": stage, "step": global_step + 1, "epoch": epoch,
                                   **host})
-            tb.scalars(global_step + 1, {f"{stage}/train/{k}": v for k, v in host.items()})
+            for k, v in host.items():
+                tb.add_scalar(f"{stage}/train/{k}", v, global_step + 1)
         if (global_step + 1) % steps_per_epoch == 0:
             val = eval_fn(state)
             _jsonl(metrics_path, {"stage": stage, "step": global_step + 1, "epoch": epoch + 1,
                                   **{f"val_{k}": v for k, v in val.items()}})
-            tb.scalars(global_step + 1, {f"{stage}/val/{k}": v for k, v in val.items()})
+            for k, v in val.items():
+                tb.add_scalar(f"{stage}/val/{k}", v, global_step + 1)
             checkpoints.save(mgr, global_step + 1, state)
             if val["robust_acc"] > best_val:
                 best_val = val["robust_acc"]
