@@ -26,7 +26,6 @@ import json
 import logging
 import math
 import pathlib
-import sys
 import time
 from typing import Any, NamedTuple
 
@@ -42,6 +41,7 @@ from experiments import checkpoints, plots
 from experiments import data as data_lib
 from tscnc_jax import models as tj_models
 from tscnc_jax import spectral, training
+from tscnc_jax._progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +196,8 @@ def _run_loop(
     metrics_path = workdir / "metrics.jsonl"
     best_path = stage_dir / "best_val.json"
     best_val = json.loads(best_path.read_text())["robust_acc"] if best_path.exists() else -math.inf
-    progress = _Progress(stage, total, start, enabled=config.progress)
+    progress = progress_bar(total, desc=stage, unit="step", enabled=config.progress,
+                            initial=start)
     tb = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
     batches = None
     for global_step in range(start, total):
@@ -217,14 +218,14 @@ def _run_loop(
                 f"{index}): {', '.join(bad) or 'gradients'} = "
                 f"{ {k: host[k] for k in bad} }; the state was not updated. Lower the learning "
                 f"rate or the penalty weights.")
-        progress.update(global_step + 1, metrics if (global_step + 1) % config.log_every == 0
-                        else None)
+        progress.update(1)
         if (global_step + 1) % config.log_every == 0:
             host = _host(metrics)
             _jsonl(metrics_path, {"stage": stage, "step": global_step + 1, "epoch": epoch,
                                   **host})
             for k, v in host.items():
                 tb.add_scalar(f"{stage}/train/{k}", v, global_step + 1)
+            progress.set_postfix(loss=f"{host['loss']:.3f}", adv=f"{host['adv_acc']:.2f}")
         if (global_step + 1) % steps_per_epoch == 0:
             val = eval_fn(state)
             _jsonl(metrics_path, {"stage": stage, "step": global_step + 1, "epoch": epoch + 1,
@@ -249,32 +250,6 @@ def _write_atomic(path: pathlib.Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     tmp.replace(path)
-
-
-class _Progress:
-    """A one-line progress bar with ETA (tqdm when available)."""
-
-    def __init__(self, stage: str, total: int, start: int, enabled: bool):
-        self.bar = None
-        if enabled and total > 0:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc=stage, unit="step",
-                            dynamic_ncols=True, file=sys.stdout)
-        self.last = start
-
-    def update(self, step: int, metrics: dict | None) -> None:
-        if self.bar is None:
-            return
-        self.bar.update(step - self.last)
-        self.last = step
-        if metrics is not None:
-            m = _host(metrics)
-            self.bar.set_postfix(loss=f"{m['loss']:.3f}", adv=f"{m['adv_acc']:.2f}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 # ----------------------------------------------------------------------------------------------

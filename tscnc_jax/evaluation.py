@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,6 +34,7 @@ import numpy as np
 
 from tscnc_jax import _validation
 from tscnc_jax import attacks as _attacks
+from tscnc_jax._progress import progress_bar
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -249,31 +249,6 @@ def _chunks(idx: np.ndarray, batch_size: int):
         yield part, n
 
 
-class _Progress:
-    def __init__(self, enabled: bool, total: int, desc: str):
-        self.bar = None
-        self.enabled = enabled
-        self.desc, self.total, self.done = desc, total, 0
-        if enabled:
-            try:
-                from tqdm.auto import tqdm
-
-                self.bar = tqdm(total=total, desc=desc, unit="batch", leave=False)
-            except ImportError:
-                self.bar = None
-
-    def update(self):
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(1)
-        elif self.enabled:
-            print(f"{self.desc}: {self.done}/{self.total}", file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
 def evaluate_robustness(
     logits_fn: LogitsFn,
     dataset_batches: Iterable[Any],
@@ -310,7 +285,7 @@ def evaluate_robustness(
       batch_size: examples per attack call (default: the largest input batch). Every call has this
         size (the last chunk is padded), so each attack compiles once.
       sanity_checks: run the gradient-masking diagnostics (two extra PGD-20 runs on one batch).
-      progress: show a progress bar (tqdm if installed, else lines on stderr).
+      progress: show a progress bar per attack (tqdm).
       return_adversarial: keep the adversarial inputs in the report.
 
     Returns:
@@ -384,7 +359,8 @@ def evaluate_robustness(
         )
         todo = np.flatnonzero(robust if cascade else clean_correct)
         this_robust = clean_correct.copy()
-        bar = _Progress(progress, -(-len(todo) // batch_size), name)
+        bar = progress_bar(-(-len(todo) // batch_size), desc=name, unit="batch",
+                           enabled=progress, leave=False)
         key_i = jax.random.fold_in(key, i)
         for j, (part, m) in enumerate(_chunks(todo, batch_size)):
             xa, pred = run(
