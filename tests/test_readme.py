@@ -1,5 +1,6 @@
 """The README's code examples run as written."""
 
+import ast
 import pathlib
 import re
 
@@ -20,6 +21,15 @@ def test_readme_starts_with_the_two_commands():
 def test_readme_optax_example_runs(capsys):
     blocks = _python_blocks()
     assert blocks, "README has no python example"
+    printed = []
     for block in blocks:
         exec(compile(block, str(README), "exec"), {"__name__": "readme"})
-    assert "->" in capsys.readouterr().out
+        printed.append(capsys.readouterr().out.strip())
+    # The optax example prints {kernel: "kappa before -> after"}: every kernel's kappa fell.
+    kappas = ast.literal_eval(printed[0])
+    assert set(kappas) == {"Conv_0/kernel", "Dense_0/kernel"}
+    for change in kappas.values():
+        before, after = (float(v) for v in change.split("->"))
+        assert 1.0 <= after < before
+    # The pruning example: no weight is pruned before the first update.
+    assert float(printed[1]) == 0.0
