@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import pathlib
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -109,10 +108,3 @@ def restore_latest(mgr: ocp.CheckpointManager, template: TrainState, *,
         f"None of the checkpoints in {mgr.directory} could be restored:\n  " + "\n  ".join(errors)
         + "\nDelete the directory to start this stage from scratch."
     )
-
-
-def tree_equal(a: Any, b: Any) -> bool:
-    """Exact equality of two pytrees of arrays (used by resume tests)."""
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(bool(jnp.array_equal(x, y)) for x, y in zip(la, lb,
-                                                                                  strict=True))

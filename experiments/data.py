@@ -780,8 +780,9 @@ def load_for_config(config) -> Dataset:
     ``config.num_classes``, ``config.seed`` and ``config.data.{manual_dir, data_dir,
     allow_download, num_val, num_train, synthetic_shape, synthetic_train, synthetic_test}``
     (``num_train > 0`` keeps a fixed random subset of the training split). The validation
-    split is drawn with ``config.data.split_seed`` when present, else 0: it does not change with
-    the training seed, so runs with different seeds train and select on the same examples.
+    split is drawn with ``config.data.split_seed`` (0 in the base config, and for the configs
+    of runs kept from before the key existed): it does not change with the training seed, so
+    runs with different seeds train and select on the same examples.
     """
     d = config.data
     if config.dataset == "synthetic":

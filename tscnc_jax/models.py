@@ -200,7 +200,7 @@ class GatedConv(nn.Module):
     Louizos et al. 2018 with drop rate 0.3). Training (``train=True``) draws one gate sample per
     channel from the ``"gates"`` RNG stream, shared across the batch; evaluation uses the
     deterministic gate. Scaling the output equals scaling the channel's weights since there is no
-    bias. Pair with :func:`tscnc_jax.gated_tsc_penalty` / :func:`tree_gated_tsc_penalty`.
+    bias. Pair with :func:`tscnc_jax.gated_tsc_penalty` / :func:`tscnc_jax.gated_sparsity_penalty`.
     """
 
     features: int

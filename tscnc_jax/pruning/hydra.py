@@ -97,10 +97,10 @@ def scores_to_masks(
     together (as :func:`global_magnitude_masks`, keeping at least ``min_kept_per_layer`` per
     leaf), so the total count is exact while small layers can keep more: with HYDRA's
     initialisation ``sqrt(6 / fan_in) * W / max|W|`` the ranking favours low-fan-in layers. At
-    99 % a layer-wise rule leaves a 3x3x1x32 first conv 3 of its 288 weights, i.e. at most three
-    live channels; the global rule does not. The result is a masks tree for
-    :func:`apply_masks` or :func:`sparsify` ``(..., masks=...)`` (fine-tuning with the mask
-    fixed).
+    99 % a layer-wise rule leaves a 3x3x1x32 first conv 2 of its 288 weights
+    (:func:`num_to_prune`), i.e. at most two live channels; the global rule does not. The
+    result is a masks tree for :func:`apply_masks` or :func:`sparsify` ``(..., masks=...)``
+    (fine-tuning with the mask fixed).
     """
     def every_leaf(path, leaf):
         return True
