@@ -1,7 +1,8 @@
 """Benchmarks: `python -m benchmarks.<name>`; numbers are medians of repeats from one run.
 
-Importing the package (every entry point does) applies :func:`tscnc_jax.set_fast_cpu_flags`, the
-XLA:CPU configuration of the library's own runs, so that the benchmarks measure what users get.
+Importing the package (every entry point does) applies
+:func:`tscnc_jax.xla_cpu.set_fast_cpu_flags`, the XLA:CPU configuration of the library's own
+runs, so that the benchmarks measure what users get.
 """
 
 import tscnc_jax as _tj

@@ -24,7 +24,7 @@ import tscnc_jax as tj
 from experiments import compare, train
 from experiments.configs import demo as demo_config
 
-tj.set_fast_cpu_flags()  # see tscnc_jax/xla_cpu.py
+tj.xla_cpu.set_fast_cpu_flags()  # see tscnc_jax/xla_cpu.py
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/demo", "Directory of the three runs and the comparison.")

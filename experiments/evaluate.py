@@ -34,12 +34,12 @@ import pathlib
 import time
 
 import jax
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
 import tscnc_jax as tj
 from experiments import train
+from experiments.configs import base
 
 FLAGS = flags.FLAGS
 
@@ -122,7 +122,7 @@ def run(workdir: str | pathlib.Path, *, num: int | None = None, chunk: int = 500
         raise FileNotFoundError(f"{summary_path} does not exist: --workdir must be a finished run "
                                 f"(python -m experiments.main ... --workdir={workdir}).")
     summary = json.loads(summary_path.read_text())
-    config = ml_collections.ConfigDict(summary["config"])
+    config = base.from_summary(summary["config"])
     num_test = int(summary["num_test"])
     num = num_test if num is None else num
     if not 0 < num <= num_test:
@@ -171,7 +171,7 @@ def _finished_run(workdir: pathlib.Path):
         raise FileNotFoundError(f"{summary_path} does not exist: --workdir must be a finished run "
                                 f"(python -m experiments.main ... --workdir={workdir}).")
     summary = json.loads(summary_path.read_text())
-    config = ml_collections.ConfigDict(summary["config"])
+    config = base.from_summary(summary["config"])
     trained = train.restore(config, workdir)
     if int(trained.state.step) != int(summary["evaluated_step"]):
         raise ValueError(f"{workdir}'s checkpoint is at step {int(trained.state.step)}, its "
@@ -212,7 +212,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.WARNING)
-    tj.set_fast_cpu_flags()
+    tj.xla_cpu.set_fast_cpu_flags()
     if FLAGS.spectral:
         workdir = pathlib.Path(FLAGS.workdir)
         spectral(workdir)

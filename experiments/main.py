@@ -20,7 +20,7 @@ import tscnc_jax as tj
 from experiments import train
 
 # XLA:CPU's faster convolution path for our models (tscnc_jax/xla_cpu.py); before any computation.
-tj.set_fast_cpu_flags()
+tj.xla_cpu.set_fast_cpu_flags()
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (optionally :smoke).",

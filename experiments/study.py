@@ -5,7 +5,10 @@
     python -m experiments.study --workdir=runs/study --only='_s0$'       # names matching a regex
     python -m experiments.study --workdir=runs/smoke --variant=smoke     # every stage, seconds
 
-``--set=key=value`` applies to every run (after the plan's own overrides).
+``--set=key=value`` applies to every run (after the plan's own overrides). The kept runs used
+the penalties as they were before the live-spectrum CNC and the summed TSC (``docs/results.md``,
+*What ran*); ``--set=cnc.live=False --set=tsc.reduce=mean --set=dense.tsc_weight=0.001
+--set=finetune.tsc_weight=0.001`` reruns them as they were (the TSC weights for its methods).
 
 ``--variant=short`` is the schedule the kept study in ``docs/results/study/`` ran on the
 project's 2-core CPU (all the training data, 3 + 1 + 1 epochs, the fast ensemble on the 10,000

@@ -66,38 +66,31 @@ def _lr_schedule(base: float, total_steps: int, milestones: tuple, factor: float
     return optax.piecewise_constant_schedule(base, boundaries)
 
 
-def _penalty_kwargs(config, params) -> tuple[dict, dict]:
-    p = config.penalty
-    filter_fn = None
-    if p.cnc_layers == "classifier":
-        # The authors' code constrains the final Dense layer only: the last kernel in path order
-        # whose module is a Dense layer.
-        dense = [path for path, _, _ in tj.named_leaves(params) if "Dense" in path]
-        if not dense:
-            raise ValueError("config.penalty.cnc_layers='classifier' needs a Dense classifier.")
-        classifier = dense[-1]
-        filter_fn = functools.partial(_path_is, classifier)
-    elif p.cnc_layers != "all":
-        raise ValueError(f"config.penalty.cnc_layers must be 'all' or 'classifier', "
-                         f"got {p.cnc_layers!r}.")
-    cnc = {"temperature": p.temperature, "delta": p.delta, "form": p.cnc_form,
-           "filter_fn": filter_fn, "reduce": p.reduce, "live": p.live}
-    tsc = {"a": p.a, "eps": p.tsc_eps, "reduce": p.tsc_reduce}
-    return cnc, tsc
+def _cnc_filter(config, params):
+    """``filter_fn`` of the CNC for ``config.cnc_layers``: every kernel (``None``), or the final
+    Dense classifier only, as the authors' code constrains it (the last kernel in path order
+    whose module is a Dense layer)."""
+    if config.cnc_layers == "all":
+        return None
+    if config.cnc_layers != "classifier":
+        raise ValueError(f"config.cnc_layers must be 'all' or 'classifier', "
+                         f"got {config.cnc_layers!r}.")
+    dense = [path for path, _, _ in tj.named_leaves(params) if "Dense" in path]
+    if not dense:
+        raise ValueError("config.cnc_layers='classifier' needs a Dense classifier.")
+    return functools.partial(_path_is, dense[-1])
 
 
 def _make_tx(config, stage_config, params, steps: int, masks=None):
     """The stage's optimizer: TSCNC penalties (plain and gated), weight decay, SGD."""
-    c, p = stage_config, config.penalty
-    cnc, tsc = _penalty_kwargs(config, params)
-    gated = {"form": p.gated_form, "a": p.gated_a, "num_train": p.gated_num_train,
-             "weight_decay": p.gated_weight_decay, "lambda0": p.gated_lambda0}
+    c = stage_config
     return training.make_optimizer(
         _lr_schedule(c.learning_rate, max(steps, 1), config.lr_milestones, config.lr_factor),
         momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay,
-        cnc_weight=c.cnc_weight, tsc_weight=c.tsc_weight, cnc_kwargs=cnc, tsc_kwargs=tsc,
-        gated_tsc_weight=c.gated_tsc_weight, gated_tsc_kwargs=gated, clamp_gates=p.clamp_gates,
-        masks=masks)
+        cnc_weight=c.cnc_weight, tsc_weight=c.tsc_weight,
+        cnc_kwargs={**config.cnc, "filter_fn": _cnc_filter(config, params)},
+        tsc_kwargs=dict(config.tsc), gated_tsc_weight=c.gated_tsc_weight,
+        gated_tsc_kwargs=dict(config.gated_tsc), clamp_gates=config.clamp_gates, masks=masks)
 
 
 def _path_is(target: str, path: str, leaf: Any) -> bool:
@@ -143,7 +136,7 @@ def _validate(config) -> None:
     if config.prune.method not in ("hydra", "lwm", "global", "random"):
         raise ValueError(f"config.prune.method must be 'hydra', 'lwm', 'global' or 'random', got "
                          f"{config.prune.method!r}.")
-    tj.check_sparsity(config.prune.sparsity, "config.prune.sparsity")
+    tj.pruning.check_sparsity(config.prune.sparsity, "config.prune.sparsity")
     if config.batch_size < 1:
         raise ValueError(f"config.batch_size must be >= 1, got {config.batch_size}.")
     order = [s for s in STAGES if s in config.stages]

@@ -21,7 +21,7 @@ import tscnc_jax
 
 # The suite runs under the XLA:CPU configuration of the experiments and benchmarks (inherited by
 # subprocesses and notebook kernels).
-tscnc_jax.set_fast_cpu_flags()
+tscnc_jax.xla_cpu.set_fast_cpu_flags()
 
 
 @pytest.fixture

@@ -199,7 +199,7 @@ def test_attack_loop_convolutions_use_standard_kernel_layout():
     variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
     x = jnp.zeros((8, 28, 28, 1))
     y = jnp.zeros((8,), jnp.int32)
-    attack = jax.jit(lambda v, z: tj.pgd(lambda u: model.apply(v, u), z, y,
+    attack = jax.jit(lambda v, z: tj.attacks.pgd(lambda u: model.apply(v, u), z, y,
                                          key=jax.random.key(1), eps=0.1, steps=3))
     hlo = attack.lower(variables, x).compile().as_text()
     labels = re.findall(r"dim_labels=(\w+)->", hlo)

@@ -70,7 +70,37 @@ def test_every_method_has_a_documented_config():
     assert cifar.model.name == "vgg" and cifar.augment and abs(cifar.eps - 8 / 255) < 1e-12
     authors = _config("tscnc_authors", "cifar10")
     assert authors.model.name == "wide_resnet" and authors.model.kwargs.gated
-    assert authors.stages == ("dense", "prune") and authors.penalty.gated_form == "authors_code"
+    assert authors.stages == ("dense", "prune") and authors.gated_tsc.form == "authors_code"
+
+
+def test_penalty_sections_are_the_library_keyword_arguments():
+    """config.cnc / tsc / gated_tsc bind, key for key, to the transformations they configure,
+    and an old summary's single penalty section maps onto them."""
+    import inspect
+
+    import tscnc_jax as tj
+    from experiments.configs import base
+
+    for name in METHODS:
+        c = importlib.import_module(f"experiments.configs.{name}").get_config("")
+        inspect.signature(tj.add_condition_number_penalty).bind(1.0, **c.cnc)
+        inspect.signature(tj.add_transformed_sparsity_penalty).bind(1.0, **c.tsc)
+        inspect.signature(tj.add_gated_sparsity_penalty).bind(1.0, **c.gated_tsc)
+    old = {"name": "x", "penalty": {
+        "temperature": 0.2, "delta": 1e-2, "cnc_form": "log_det", "cnc_layers": "classifier",
+        "reduce": "sum", "a": 2.0, "tsc_eps": 1e-3, "normalize": True,
+        "gated_form": "authors_code", "gated_a": 50.0, "gated_num_train": 10,
+        "clamp_gates": True, "gated_weight_decay": 1e-4, "gated_lambda0": 1e-2}}
+    new = base.from_summary(old)
+    assert "penalty" not in new and new.name == "x"
+    assert dict(new.cnc) == {"temperature": 0.2, "delta": 1e-2, "form": "log_det",
+                             "reduce": "sum", "live": False, "eps": 1e-5}
+    assert dict(new.tsc) == {"a": 2.0, "eps": 1e-3, "reduce": "mean"}
+    assert dict(new.gated_tsc) == {"form": "authors_code", "a": 50.0, "num_train": 10,
+                                   "weight_decay": 1e-4, "lambda0": 1e-2}
+    assert new.cnc_layers == "classifier" and new.clamp_gates
+    current = _config("hydra_tscnc", "").to_dict()
+    assert base.from_summary(current).to_dict() == current  # today's layout is left alone
 
 
 @pytest.mark.slow

@@ -626,8 +626,8 @@ def test_scores_to_masks_global_scope():
     glob = tj.scores_to_masks(scores, 0.99, scope="global")
     n = 288 + 3136 * 128
     kept = int(sum(np.sum(m) for m in jax.tree.leaves(glob)))
-    assert kept == n - tj.num_to_prune(n, 0.99)
-    assert int(np.sum(layer["c"])) == 288 - tj.num_to_prune(288, 0.99) == 2
+    assert kept == n - tj.pruning.num_to_prune(n, 0.99)
+    assert int(np.sum(layer["c"])) == 288 - tj.pruning.num_to_prune(288, 0.99) == 2
     # HYDRA's sqrt(6 / fan_in) scaling ranks the 9-fan-in conv above the 3136-fan-in Dense.
     assert int(np.sum(glob["c"])) > 100
     ref = tj.global_magnitude_masks(scores, 0.99, filter_fn=lambda p, x: True,

@@ -61,43 +61,45 @@ class TestHardConcrete:
     def test_sample_statistics_match_prob_nonzero(self):
         log_alpha = jnp.array([-3.0, -1.0, 0.0, 0.847, 2.0])
         keys = jax.random.split(jax.random.key(0), 20000)
-        z = jax.vmap(lambda k: tj.hard_concrete_sample(k, log_alpha))(keys)
+        z = jax.vmap(lambda k: tj.sparsity.hard_concrete_sample(k, log_alpha))(keys)
         assert float(z.min()) >= 0.0 and float(z.max()) <= 1.0
         empirical = np.mean(np.asarray(z) > 0, axis=0)
         # Binomial standard error at n = 20000 is < 0.0036; 0.015 is > 4 standard errors.
-        np.testing.assert_allclose(empirical, tj.hard_concrete_prob_nonzero(log_alpha), atol=0.015)
+        np.testing.assert_allclose(empirical, tj.sparsity.hard_concrete_prob_nonzero(log_alpha),
+                                   atol=0.015)
         # Gates are exactly 0 or exactly 1 with positive probability (the "hard" part).
         assert np.mean(np.asarray(z) == 0.0) > 0.01 and np.mean(np.asarray(z) == 1.0) > 0.01
 
     def test_prob_nonzero_closed_form(self):
         la = np.linspace(-4, 4, 9)
         ref = 1 / (1 + np.exp(-(la - self.BETA * np.log(-self.GAMMA / self.ZETA))))
-        np.testing.assert_allclose(tj.hard_concrete_prob_nonzero(la), ref, rtol=1e-6)
+        np.testing.assert_allclose(tj.sparsity.hard_concrete_prob_nonzero(la), ref, rtol=1e-6)
         # The authors' form: 1 - sigmoid(beta * log(-gamma / zeta) - log_alpha).
         alt = 1 - 1 / (1 + np.exp(-(self.BETA * np.log(0.1 / 1.1) - la)))
-        np.testing.assert_allclose(tj.hard_concrete_prob_nonzero(la), alt, rtol=1e-6)
+        np.testing.assert_allclose(tj.sparsity.hard_concrete_prob_nonzero(la), alt, rtol=1e-6)
 
     def test_eval_gate_and_clamp(self):
         la = jnp.array([-10.0, np.log(0.7 / 0.3), 10.0])
-        gate = tj.hard_concrete_gate(la)
+        gate = tj.sparsity.hard_concrete_gate(la)
         np.testing.assert_allclose(gate, [0.0, 0.7 * 1.2 - 0.1, 1.0], rtol=1e-6)
-        np.testing.assert_allclose(tj.clamp_log_alpha(la), [np.log(0.01), la[1], np.log(100.0)],
-                                   rtol=1e-6)
+        np.testing.assert_allclose(tj.sparsity.clamp_log_alpha(la),
+                                   [np.log(0.01), la[1], np.log(100.0)], rtol=1e-6)
 
     def test_init_and_reparameterised_gradient(self):
-        la = tj.init_log_alpha(jax.random.key(1), 4096)
+        la = tj.sparsity.init_log_alpha(jax.random.key(1), 4096)
         np.testing.assert_allclose(float(la.mean()), np.log(0.7 / 0.3), atol=1e-3)
         np.testing.assert_allclose(float(la.std()), 0.01, rtol=0.1)
-        g = jax.grad(lambda x: jnp.sum(tj.hard_concrete_sample(jax.random.key(2), x)))(la[:8])
+        g = jax.grad(
+            lambda x: jnp.sum(tj.sparsity.hard_concrete_sample(jax.random.key(2), x)))(la[:8])
         assert np.all(np.isfinite(g)) and np.all(np.asarray(g) >= 0)
         with pytest.raises(ValueError, match="droprate"):
-            tj.init_log_alpha(jax.random.key(0), 3, droprate=1.0)
+            tj.sparsity.init_log_alpha(jax.random.key(0), 3, droprate=1.0)
 
     def test_sample_deterministic_for_key(self):
         la = jnp.zeros(16)
         np.testing.assert_array_equal(
-            tj.hard_concrete_sample(jax.random.key(3), la),
-            tj.hard_concrete_sample(jax.random.key(3), la),
+            tj.sparsity.hard_concrete_sample(jax.random.key(3), la),
+            tj.sparsity.hard_concrete_sample(jax.random.key(3), la),
         )
 
 

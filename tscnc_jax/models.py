@@ -27,8 +27,8 @@ reshape-and-max, 3.8-13x faster than ``nn.max_pool`` forward + backward at the s
 small CNN and VGG, with a hand-written elementwise backward that halves the small CNN's input
 gradient again (47 -> 23 ms at batch 128) against autodiff of the reshape-and-max. (The
 first-layer numbers are with jaxlib 0.10's default YNNPACK convolution fusions; under
-:func:`tscnc_jax.set_fast_cpu_flags` im2col is about even at 3 input channels and still 2x faster
-for the input gradient at 1.)
+:func:`tscnc_jax.xla_cpu.set_fast_cpu_flags` im2col is about even at 3 input channels and still
+2x faster for the input gradient at 1.)
 """
 
 from __future__ import annotations

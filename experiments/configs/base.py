@@ -25,7 +25,7 @@ are 4,290 steps, about 40 minutes), and 321 s for PGD-20 plus the standard ensem
 test images of the 55 %-robust dense model (about 55 minutes on 10,000; the attacks after
 APGD-CE only run on the points still robust, so a pruned model evaluates faster). All of these
 predate the later speed work (custom convolution / pooling derivatives and
-``tscnc_jax.set_fast_cpu_flags``): a small-CNN TRADES-10 step now takes about 0.2 s
+``tscnc_jax.xla_cpu.set_fast_cpu_flags``): a small-CNN TRADES-10 step now takes about 0.2 s
 (``benchmarks/results/run.md``), so expect the quoted times to shrink by up to ~3x; they have not
 been re-measured.
 
@@ -100,26 +100,33 @@ def get_base_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.lr_milestones = (0.3, 0.6, 0.8)  # fractions of a stage's steps
     c.lr_factor = 0.2
 
-    c.penalty = ml_collections.ConfigDict()
-    c.penalty.temperature = defaults.CNC_TEMPERATURE
-    c.penalty.delta = defaults.CNC_DELTA
-    c.penalty.cnc_form = "smooth"  # smooth | log_det
-    c.penalty.cnc_layers = "all"  # all | classifier
-    c.penalty.reduce = defaults.CNC_REDUCE
-    # The CNC of each kernel's live spectrum (structural zeros of a pruned kernel left out).
-    c.penalty.live = True
-    c.penalty.a = defaults.TSC_A
-    c.penalty.tsc_eps = 0.0
+    # The penalties' keyword arguments, exactly as the library takes them: config.cnc goes to
+    # tscnc_jax.add_condition_number_penalty(**config.cnc), config.tsc to
+    # add_transformed_sparsity_penalty, config.gated_tsc to add_gated_sparsity_penalty. Their
+    # weights are per stage (config.dense.cnc_weight, ...).
+    c.cnc = ml_collections.ConfigDict()
+    c.cnc.temperature = defaults.CNC_TEMPERATURE
+    c.cnc.delta = defaults.CNC_DELTA
+    c.cnc.form = "smooth"  # smooth | log_det
+    c.cnc.eps = 1e-5  # the log-det form's determinant offset
+    c.cnc.reduce = defaults.CNC_REDUCE
+    c.cnc.live = True  # each kernel's live spectrum (a pruned kernel's structural zeros left out)
+    c.cnc_layers = "all"  # which kernels the CNC sees: all | classifier (the authors' code)
+    c.tsc = ml_collections.ConfigDict()
+    c.tsc.a = defaults.TSC_A
+    c.tsc.eps = 0.0
     # sum: every weight gets tsc_weight * rho_a'(w) ~ 2 tsc_weight (a = 1), weight decay's scale
     # at tsc_weight ~ 1e-5 (tscnc_jax.transformed_sparsity_penalty); layer_mean | mean divide it.
-    c.penalty.tsc_reduce = defaults.TSC_REDUCE
+    c.tsc.reduce = defaults.TSC_REDUCE
     # Gated (structured) TSC of the authors' code, for models with hard-concrete gates.
-    c.penalty.gated_form = "textbook"  # textbook | authors_code
-    c.penalty.gated_a = defaults.GATED_A
-    c.penalty.gated_num_train = defaults.GATED_NUM_TRAIN  # the authors' constant N
-    c.penalty.gated_weight_decay = defaults.GATED_WEIGHT_DECAY
-    c.penalty.gated_lambda0 = defaults.GATED_LAMBDA0
-    c.penalty.clamp_gates = False
+    c.gated_tsc = ml_collections.ConfigDict()
+    c.gated_tsc.form = "textbook"  # textbook | authors_code
+    c.gated_tsc.a = defaults.GATED_A
+    c.gated_tsc.num_train = defaults.GATED_NUM_TRAIN  # the authors' constant N
+    c.gated_tsc.weight_decay = defaults.GATED_WEIGHT_DECAY
+    c.gated_tsc.lambda0 = defaults.GATED_LAMBDA0
+    c.gated_tsc.prior_keep = defaults.GATED_PRIOR_KEEP
+    c.clamp_gates = False  # the authors' per-step clamp of log_alpha to [log 0.01, log 100]
 
     c.dense = ml_collections.ConfigDict()
     c.dense.epochs = 10
@@ -283,6 +290,43 @@ def short(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.eval.num_lipschitz = 500
     c.log_every = 100
     return c
+
+
+# Keys of the one ``penalty`` section of configs from before the per-penalty sections, with
+# their places now; the live spectrum did not exist then (the CNC saw every singular value).
+_PENALTY_KEYS = {"temperature": ("cnc", "temperature"), "delta": ("cnc", "delta"),
+                 "cnc_form": ("cnc", "form"), "reduce": ("cnc", "reduce"),
+                 "live": ("cnc", "live"), "a": ("tsc", "a"), "tsc_eps": ("tsc", "eps"),
+                 "tsc_reduce": ("tsc", "reduce"), "gated_form": ("gated_tsc", "form"),
+                 "gated_a": ("gated_tsc", "a"), "gated_num_train": ("gated_tsc", "num_train"),
+                 "gated_weight_decay": ("gated_tsc", "weight_decay"),
+                 "gated_lambda0": ("gated_tsc", "lambda0"), "cnc_layers": (None, "cnc_layers"),
+                 "clamp_gates": (None, "clamp_gates")}
+
+
+def from_summary(config: dict) -> ml_collections.ConfigDict:
+    """The config a run summary recorded, in today's layout (for restoring a finished run).
+
+    Summaries written before the per-penalty sections hold one ``penalty`` section: its keys
+    move to ``cnc`` / ``tsc`` / ``gated_tsc`` with the library's names, ``normalize=True``
+    becomes ``tsc.reduce="mean"`` (``False``: ``"sum"``), and the CNC of such a run saw the whole
+    spectrum (``cnc.live=False``) unless it says otherwise. Other keys are kept as they are.
+    """
+    config = dict(config)
+    old = config.pop("penalty", None)
+    if old is not None:
+        sections = {"cnc": {"live": False, "eps": 1e-5}, "tsc": {}, "gated_tsc": {}}
+        for key, value in old.items():
+            if key == "normalize":
+                sections["tsc"].setdefault("reduce", "mean" if value else "sum")
+                continue
+            section, name = _PENALTY_KEYS[key]
+            if section is None:
+                config[name] = value
+            else:
+                sections[section][name] = value
+        config.update(sections)
+    return ml_collections.ConfigDict(config)
 
 
 def finalize(c: ml_collections.ConfigDict, variant: str | None) -> ml_collections.ConfigDict:

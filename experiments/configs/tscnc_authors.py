@@ -36,11 +36,11 @@ def get_config(variant: str = ""):
         c.model.name = "wide_resnet"
         c.model.kwargs = ml_collections.ConfigDict({"depth": 28, "widen_factor": 10,
                                                     "gated": True})
-    c.penalty.gated_form = "authors_code"
-    c.penalty.clamp_gates = True
-    c.penalty.cnc_form = "log_det"
-    c.penalty.cnc_layers = "classifier"
-    c.penalty.reduce = "sum"
+    c.gated_tsc.form = "authors_code"
+    c.clamp_gates = True
+    c.cnc.form = "log_det"
+    c.cnc_layers = "classifier"
+    c.cnc.reduce = "sum"
     c.dense.gated_tsc_weight = 1.0
     c.dense.cnc_weight = 1.0
     return base.finalize(c, variant)
