@@ -13,7 +13,7 @@ import pathlib
 
 from absl import app, flags
 
-from experiments import plots, train
+from experiments import evaluate, plots
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "Directory for results.md and kappa_vs_layer.png.")
@@ -34,7 +34,7 @@ def load_summaries(run_dirs) -> list[dict]:
 def compare(run_dirs, out: str | pathlib.Path | None = None) -> str:
     """Returns the markdown table of ``run_dirs``; with ``out``, also writes it and the figure."""
     summaries = load_summaries(run_dirs)
-    table = train.results_markdown(summaries)
+    table = evaluate.results_markdown(summaries)
     if out is not None:
         out = pathlib.Path(out)
         out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ from typing import Any
 from absl import app, flags, logging
 
 import tscnc_jax as tj
-from experiments import compare, train
+from experiments import compare, evaluate
 from experiments.configs import demo as demo_config
 
 tj.xla_cpu.set_fast_cpu_flags()  # see tscnc_jax/xla_cpu.py
@@ -54,7 +54,7 @@ def run(workdir: str | pathlib.Path, *, smoke: bool = False,
             with config.unlocked():
                 config.init_dir = str(workdir / "dense")
         t0 = time.time()
-        train.train_and_evaluate(config, workdir / method)
+        evaluate.train_and_evaluate(config, workdir / method)
         print(f"{method}: {time.time() - t0:.0f} s", flush=True)
         dirs.append(workdir / method)
     return compare.compare(dirs, workdir)

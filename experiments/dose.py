@@ -28,7 +28,7 @@ evaluation).
 Every run evaluates PGD-20 and the fast ensemble on all 10,000 test images and AutoAttack's
 standard ensemble on the first 1,000 (``eval.num_standard=1000``), the local Lipschitz estimate
 on the first 500, and records per kernel the live condition number of the reshaped kernel and,
-for the convolutions, of the circular operator (``experiments.train.spectral_report``). The
+for the convolutions, of the circular operator (``experiments.evaluate.spectral_report``). The
 predictions and the criteria they are read with are in ``docs/results.md`` (written before the
 runs). The runs share the study's machinery (:mod:`experiments.study`): resumable, each in its own
 process and workdir, a kept summary is not rerun, and a run reusing a dense stage retrains it

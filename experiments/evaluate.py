@@ -1,18 +1,26 @@
-"""AutoAttack's standard ensemble on a finished run's test images, resumable chunk by chunk.
+"""Evaluation of trained runs, one code path: the final evaluation every run ends with, and
+AutoAttack's standard ensemble on more of a finished run's test images, resumable chunk by chunk.
 
     python -m experiments.evaluate --workdir=runs/study/lenet5_hydra_95_s0 \\
         --summaries=docs/results/study                  # all the run's test images
     python -m experiments.evaluate --workdir=... --num=2000 --chunk=500
     python -m experiments.evaluate --workdir=... --spectral --summaries=...  # see spectral()
 
-A run evaluates the standard ensemble on the first ``config.eval.num_standard`` test images only
-(the short schedule: 500), because on a CPU it costs about 4 s per image for a robust model; this
-module runs it afterwards on up to all of the run's ``num_test`` images, from the run's final
-checkpoints (it never trains: an unfinished run is an error that names the missing checkpoint).
+:func:`train_and_evaluate` is the pipeline: it trains (or loads) the stages of a config
+(``experiments.train``), then :func:`final_evaluation` measures on the first ``eval.num_test``
+test images the clean accuracy, PGD (``eval.pgd_steps``) and the ``eval.attacks`` ensemble through
+:func:`tscnc_jax.evaluate_robustness` (which asserts that every adversarial example lies in the
+eps-ball and in [0, 1]), AutoAttack's standard ensemble on the first ``eval.num_standard``, the
+local Lipschitz estimate on the first ``eval.num_lipschitz``, and the spectral report
+(:func:`spectral_report`); it writes ``summary.json``, ``results.md`` and the figures.
 
-Each chunk of ``--chunk`` images is one call of :func:`tscnc_jax.evaluate_robustness` with the
-key ``fold_in(key(seed + 8), first image)``; the first chunk uses the run's own ``key(seed + 8)``,
-so one chunk of the run's ``num_standard`` images reproduces its numbers exactly. Its per-image
+The standard ensemble costs about 4 s per image for a robust model on a CPU, so a run evaluates
+it on a subset only (the short schedule: 500 images); the command line runs it afterwards on up
+to all of the run's ``num_test`` images from the run's final checkpoints (it never trains: an
+unfinished run is an error that names the missing checkpoint). Each chunk of ``--chunk`` images
+is one :func:`evaluate_chunk`, the function the final evaluation calls too, with the key
+``fold_in(key(seed + 8), first image)``; the first chunk uses the run's own ``key(seed + 8)``, so
+one chunk of the run's ``num_standard`` images reproduces its numbers exactly. Its per-image
 outcome (clean-correct, index of the first attack that broke it) is written atomically to
 ``<workdir>/standard/<first>.json`` as soon as it is done; a killed evaluation resumes at the
 first missing chunk. When every chunk is there, the totals go to ``<workdir>/standard.json``
@@ -29,17 +37,25 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as in experiments.main
 
+import functools
 import json
+import logging as py_logging
 import pathlib
 import time
 
 import jax
+import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
 import tscnc_jax as tj
-from experiments import train
+from experiments import plots, train
+from experiments import workdir as workdir_lib
 from experiments.configs import base
+from tscnc_jax import models as tj_models
+from tscnc_jax import spectral as tj_spectral
+
+log = py_logging.getLogger(__name__)
 
 FLAGS = flags.FLAGS
 
@@ -62,21 +78,137 @@ def _define_flags() -> None:
 ATTACKS = "standard"
 
 
-def chunk_starts(num: int, chunk: int) -> list[int]:
-    """First image of every chunk of ``chunk`` images covering ``num``."""
-    if num <= 0 or chunk <= 0:
-        raise ValueError(f"--num={num} and --chunk={chunk} must be positive.")
-    return list(range(0, num, chunk))
+# ----------------------------------------------------------------------------------------------
+# The spectral report.
+# ----------------------------------------------------------------------------------------------
+
+
+def spectral_report(params, masks=None, conv_inputs: dict | None = None) -> dict:
+    """Per-layer condition numbers (float64) of the (pruned) kernels, and the product of sigma_max.
+
+    ``kappa`` is each kernel's *live* condition number: the all-zero rows and columns a pruned
+    kernel has (dead inputs, dead units) are dropped first, since their singular values are zero
+    by structure (``tscnc_jax.spectral.tree_live_condition_numbers``); ``full_kappa`` is the whole
+    matrix's, infinite wherever such a row or column exists. Dense kernels have none, so both
+    agree there. ``live_kappa`` repeats ``kappa`` under the name older summaries used.
+    ``operator_kappa`` is, for each stride-1 convolution in ``conv_inputs``
+    (``models.conv_input_shapes``), the live condition number of its circularly padded operator
+    on the layer's input grid (``tscnc_jax.spectral.host_conv_operator_condition_number``).
+    The weight fractions count kernel entries with ``|w| < 1e-3``, of all and of the non-zero ones.
+    """
+    spectra = tj_spectral.tree_singular_values(params, masks)  # one SVD per kernel
+    full = {name: tj_spectral.host_condition_number(s, shape)
+            for name, (s, shape) in spectra.items()}
+    sigma_max = {name: float(s[0]) for name, (s, _) in spectra.items()}
+    live = tj_spectral.tree_live_condition_numbers(params, masks)
+    kappa = {k: v["kappa"] for k, v in live.items()}
+
+    def log10(values):
+        return np.log10(np.array(list(values), np.float64))
+
+    report = {"kappa_definition": "live", "kappa": kappa, "full_kappa": full,
+              "sigma_max": sigma_max,
+              "median_log10_kappa": float(np.median(log10(kappa.values()))),
+              "max_log10_kappa": float(np.max(log10(kappa.values()))),
+              "median_log10_full_kappa": float(np.median(log10(full.values()))),
+              "max_log10_full_kappa": float(np.max(log10(full.values()))),
+              "live_kappa": kappa,
+              "live_shape": {k: [v["live_rows"], v["live_cols"]] for k, v in live.items()},
+              "live_rank": {k: v["live_rank"] for k, v in live.items()},
+              "median_log10_live_kappa": float(np.median(log10(kappa.values()))),
+              "max_log10_live_kappa": float(np.max(log10(kappa.values()))),
+              "lipschitz_upper_bound": float(np.prod(list(sigma_max.values())))}
+    weights = [np.abs(np.asarray(jax.device_get(w), np.float64)
+                      * (1.0 if m is None else np.asarray(jax.device_get(m), np.float64))).ravel()
+               for _, w, m in tj.named_leaves(params, masks)]
+    w = np.concatenate(weights) if weights else np.zeros(0)
+    report["weights_below_1e-3"] = float(np.mean(w < 1e-3)) if w.size else float("nan")
+    nonzero = w[w != 0]
+    report["nonzero_weights_below_1e-3"] = (float(np.mean(nonzero < 1e-3)) if nonzero.size
+                                            else float("nan"))
+    operator = {}
+    flat = {name: (leaf, m) for name, leaf, m in tj.named_leaves(params, masks)}
+    for name, where in (conv_inputs or {}).items():
+        if name in flat and tuple(where["strides"]) == (1, 1):
+            leaf, m = flat[name]
+            operator[name] = tj_spectral.host_conv_operator_condition_number(
+                leaf, where["input"][:2], m)["kappa"]
+    if operator:
+        report["operator_kappa"] = operator
+        report["median_log10_operator_kappa"] = float(np.median(log10(operator.values())))
+    return report
+
+
+def conv_inputs(model, state: tj.TrainState, data) -> dict:
+    """Each convolution's input grid, strides and padding (``models.conv_input_shapes``)."""
+    variables = {"params": state.params}
+    if jax.tree.leaves(state.batch_stats):
+        variables["batch_stats"] = state.batch_stats
+    return tj_models.conv_input_shapes(model, variables, data.train_images.shape[1:])
+
+
+def dense_spectral_fields(config, trained: train.Trained) -> dict:
+    """The spectral fields (``dense_kappa``, ``dense_sigma_max``, ...) of the dense model a pruned
+    run was pruned from; none for a dense run."""
+    if trained.dense is None:
+        return {}
+    dense = trained.dense
+    before = spectral_report(train.evaluated_params(config, dense),
+                             conv_inputs=conv_inputs(trained.model, dense, trained.data))
+    out = {"dense_kappa": before["kappa"], "dense_sigma_max": before["sigma_max"],
+           "dense_weights_below_1e-3": before["weights_below_1e-3"]}
+    if "operator_kappa" in before:
+        out["dense_operator_kappa"] = before["operator_kappa"]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The final evaluation of a run.
+# ----------------------------------------------------------------------------------------------
+
+
+def logits_function(config, model, state: tj.TrainState):
+    """The jitted inference-mode ``x -> logits`` of a trained state."""
+    variables = {"params": train.evaluated_params(config, state)}
+    if jax.tree.leaves(state.batch_stats):
+        variables["batch_stats"] = state.batch_stats
+    return jax.jit(functools.partial(model.apply, variables, train=False))
+
+
+def test_arrays(data, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` test images as float32 in [0, 1] and their int32 labels."""
+    return (data.test_images[:n].astype(np.float32) / 255.0,
+            data.test_labels[:n].astype(np.int32))
+
+
+def batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> list[tuple]:
+    """``(x, y)`` in consecutive batches of ``batch_size`` (the last one shorter)."""
+    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
+
+
+def standard_key(config) -> jax.Array:
+    """The key of a run's standard ensemble (in the final evaluation and every chunk)."""
+    return jax.random.key(config.seed + 8)
+
+
+def pgd_member(config):
+    """The evaluation PGD (``eval.pgd_steps``, ``eval.pgd_step_size``; cross-entropy from a
+    uniform start, one key per example) as an ``evaluate_robustness`` attack."""
+    attack = train.eval_attack(config)
+
+    def member(logits_fn, x, y, *, key, eps, norm, bounds):
+        del eps, norm, bounds  # the config's, which evaluate_robustness is given too
+        return attack(logits_fn, x, y, jax.random.split(key, x.shape[0]))
+
+    return member
 
 
 def evaluate_chunk(config, logits_fn, x: np.ndarray, y: np.ndarray, start: int) -> dict:
     """The standard ensemble on one chunk; per-image outcomes plus what the report needs."""
-    batches = [(x[i:i + config.batch_size], y[i:i + config.batch_size])
-               for i in range(0, len(y), config.batch_size)]
-    key = train.standard_key(config)  # the run's own
+    key = standard_key(config)  # the run's own
     t0 = time.time()
     rep = tj.evaluate_robustness(
-        logits_fn, batches, eps=config.eps, attacks=ATTACKS,
+        logits_fn, batches(x, y, config.batch_size), eps=config.eps, attacks=ATTACKS,
         key=key if start == 0 else jax.random.fold_in(key, start), progress=config.progress)
     return {"start": start, "num": len(y), "attacks": list(rep.attacks),
             "clean_correct": [int(v) for v in rep.clean_correct],
@@ -113,6 +245,117 @@ def combine(chunks: list[dict], num: int) -> dict:
             "chunk_starts": [c["start"] for c in chunks]}
 
 
+def final_evaluation(config, trained: train.Trained) -> dict:
+    """The test-set numbers and the spectral report of a trained run (module docstring)."""
+    model, data, state, masks = trained.model, trained.data, trained.state, trained.masks
+    params = train.evaluated_params(config, state)
+    logits_fn = logits_function(config, model, state)
+    n = min(config.eval.num_test, data.test_images.shape[0])
+    x, y = test_arrays(data, n)
+    bs = config.batch_size
+    t0 = time.time()
+    pgd = tj.evaluate_robustness(
+        logits_fn, batches(x, y, bs), eps=config.eps, attacks={"pgd": pgd_member(config)},
+        key=jax.random.key(config.seed + 5), sanity_checks=False, progress=config.progress)
+    report = tj.evaluate_robustness(
+        logits_fn, batches(x, y, bs), eps=config.eps, attacks=config.eval.attacks,
+        key=jax.random.key(config.seed + 6), progress=config.progress)
+    standard = {}
+    n_std = min(config.eval.num_standard, n)
+    if n_std:
+        chunk = evaluate_chunk(config, logits_fn, x[:n_std], y[:n_std], 0)
+        totals = combine([chunk], n_std)
+        fast_robust = report.clean_correct[:n_std] & (report.broken_by[:n_std] < 0)
+        standard = {"num_standard": n_std,
+                    "standard_ensemble_acc": totals["standard_ensemble_acc"],
+                    "fast_ensemble_acc_on_standard_subset": float(np.mean(fast_robust)),
+                    "standard_per_attack": totals["standard_per_attack"],
+                    "standard_attack_warnings": chunk["warnings"],
+                    "standard_seconds": chunk["seconds"]}
+    n_lip = min(config.eval.num_lipschitz, n)
+    lip_jit = jax.jit(lambda xb, kb: tj.local_lipschitz(
+        logits_fn, xb, key=kb, eps=config.eps, steps=config.eval.lipschitz_steps))
+    lip_key = jax.random.key(config.seed + 7)
+    lip = np.concatenate([np.zeros(0, np.float32)] + [
+        np.asarray(lip_jit(xb, jax.random.fold_in(lip_key, i * bs)))
+        for i, (xb, _) in enumerate(batches(x[:n_lip], y[:n_lip], bs))])
+    sparsity = tj.summarize_sparsity(tj.nonzero_masks(params))
+    result = {
+        "num_test": n,
+        "clean_acc": float(report.clean_accuracy),
+        f"pgd{config.eval.pgd_steps}_acc": float(pgd.ensemble_robust_accuracy),
+        "ensemble_acc": float(report.ensemble_robust_accuracy),
+        "per_attack": {k: float(v) for k, v in report.robust_accuracy.items()},
+        "attack_warnings": list(report.warnings),
+        "sparsity": float(sparsity.sparsity),
+        "layer_sparsity": {name: float(layer.sparsity) for name, layer in sparsity.layers.items()},
+        "local_lipschitz_mean": float(np.mean(lip)) if n_lip else float("nan"),
+        "local_lipschitz_median": float(np.median(lip)) if n_lip else float("nan"),
+        "num_lipschitz": n_lip,
+        "eval_seconds": time.time() - t0,
+        **standard,
+    }
+    result.update(spectral_report(params, masks, conv_inputs(model, state, data)))
+    return result
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+    """Runs the pipeline of ``config`` in ``workdir`` (resuming) and returns the summary.
+
+    With ``config.eval.final=False`` it only trains: no test-set evaluation, no ``summary.json``,
+    and the returned dict holds just ``config``, ``stages`` and ``trained_step``.
+    """
+    t0 = time.time()
+    workdir = pathlib.Path(workdir)
+    trained = train.train(config, workdir)
+    stages, step = config.stages, int(trained.state.step)
+    if not config.eval.final:
+        log.info("config.eval.final=False: trained %s to step %d, no evaluation or summary",
+                 ",".join(stages), step)
+        return {"config": config.to_dict(), "stages": list(stages), "trained_step": step}
+    summary = {"config": config.to_dict(), "stages": list(stages), "evaluated_step": step}
+    summary.update(final_evaluation(config, trained))
+    summary.update(dense_spectral_fields(config, trained))
+    summary["wall_seconds"] = time.time() - t0
+    workdir_lib.write_atomic(workdir / "summary.json", json.dumps(summary, indent=2, default=str))
+    workdir_lib.write_atomic(workdir / "results.md", results_markdown([summary]))
+    if config.plots:
+        plots.run_plots(workdir, summary)
+    return summary
+
+
+def results_markdown(summaries: list[dict], names: list[str] | None = None) -> str:
+    """A results table, one row per run summary, labelled by ``names`` (default: each run's
+    config name)."""
+    lines = ["| run | sparsity | clean | PGD | ensemble | median log10 kappa | max log10 kappa | "
+             "max log10 live kappa | prod sigma_max |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    if names is None:
+        names = [s["config"].get("name", "run") for s in summaries]
+    for s, name in zip(summaries, names, strict=True):
+        pgd = next(v for k, v in s.items() if k.startswith("pgd") and k.endswith("_acc"))
+        # Summaries written before the live kappa existed have no such field.
+        live = s.get("max_log10_live_kappa")
+        live = "-" if live is None else f"{live:.2f}"
+        lines.append(
+            f"| {name} | {100 * s['sparsity']:.2f} % | {100 * s['clean_acc']:.2f} | "
+            f"{100 * pgd:.2f} | {100 * s['ensemble_acc']:.2f} | {s['median_log10_kappa']:.2f} | "
+            f"{s['max_log10_kappa']:.2f} | {live} | {s['lipschitz_upper_bound']:.3g} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# The standard ensemble on more of a finished run's test images.
+# ----------------------------------------------------------------------------------------------
+
+
+def chunk_starts(num: int, chunk: int) -> list[int]:
+    """First image of every chunk of ``chunk`` images covering ``num``."""
+    if num <= 0 or chunk <= 0:
+        raise ValueError(f"--num={num} and --chunk={chunk} must be positive.")
+    return list(range(0, num, chunk))
+
+
 def run(workdir: str | pathlib.Path, *, num: int | None = None, chunk: int = 500,
         first: int = 0, last: int | None = None) -> dict | None:
     """Evaluates the missing chunks in ``[first, last)``; returns the totals once all exist."""
@@ -140,14 +383,14 @@ def run(workdir: str | pathlib.Path, *, num: int | None = None, chunk: int = 500
             and not (out_dir / f"{s:06d}.json").exists()]
     if todo:
         _, _, trained = _finished_run(workdir)
-        logits_fn = train.logits_function(config, trained.model, trained.state)
-        x, y = train.test_arrays(trained.data, num)
+        logits_fn = logits_function(config, trained.model, trained.state)
+        x, y = test_arrays(trained.data, num)
         for s in todo:
             path = out_dir / f"{s:06d}.json"
             if path.exists():  # another process sharing this run's chunks finished it meanwhile
                 continue
             result = evaluate_chunk(config, logits_fn, x[s:s + chunk], y[s:s + chunk], s)
-            train._write_atomic(path, json.dumps(result))
+            workdir_lib.write_atomic(path, json.dumps(result))
             logging.warning("%s: images %d-%d, standard ensemble %.2f %% in %.0f s", workdir,
                             s, s + result["num"] - 1,
                             100 * np.mean(np.asarray(result["clean_correct"], bool)
@@ -161,7 +404,7 @@ def run(workdir: str | pathlib.Path, *, num: int | None = None, chunk: int = 500
     if num == num_test and abs(totals["standard_clean_acc"] - summary["clean_acc"]) >= 1e-9:
         raise ValueError(f"clean accuracy {totals['standard_clean_acc']} differs from the "
                          f"summary's {summary['clean_acc']}: not the model the summary evaluated.")
-    train._write_atomic(workdir / "standard.json", json.dumps(totals, indent=2))
+    workdir_lib.write_atomic(workdir / "standard.json", json.dumps(totals, indent=2))
     return totals
 
 
@@ -182,7 +425,7 @@ def _finished_run(workdir: pathlib.Path):
 def spectral(workdir: str | pathlib.Path) -> dict:
     """The run's spectral report recomputed with the current definitions (``spectral.json``).
 
-    ``experiments.train.spectral_report`` of the evaluated network and of the dense model a
+    :func:`spectral_report` of the evaluated network and of the dense model a
     pruned run started from. Summaries keep what their run measured; when a definition changes
     (the live rank, the operator's live channels), this records the new values beside them and
     :mod:`experiments.report` reads them instead. The spectral norms do not depend on any such
@@ -191,20 +434,14 @@ def spectral(workdir: str | pathlib.Path) -> dict:
     workdir = pathlib.Path(workdir)
     summary, config, trained = _finished_run(workdir)
     params = train.evaluated_params(config, trained.state)
-    report = train.spectral_report(params, trained.masks,
-                                   train.conv_inputs(trained.model, trained.state, trained.data))
+    report = spectral_report(params, trained.masks,
+                             conv_inputs(trained.model, trained.state, trained.data))
     for name, value in summary["sigma_max"].items():
         if not np.isclose(report["sigma_max"][name], value, rtol=1e-6, atol=0.0):
             raise ValueError(f"{workdir}: sigma_max of {name} is {report['sigma_max'][name]}, the "
                              f"summary's {value}: not the model the summary evaluated.")
-    out = dict(report)
-    if trained.dense_report is not None:
-        before = trained.dense_report
-        out.update(dense_kappa=before["kappa"], dense_sigma_max=before["sigma_max"],
-                   **{"dense_weights_below_1e-3": before["weights_below_1e-3"]})
-        if "operator_kappa" in before:
-            out["dense_operator_kappa"] = before["operator_kappa"]
-    train._write_atomic(workdir / "spectral.json", json.dumps(out, indent=2))
+    out = {**report, **dense_spectral_fields(config, trained)}
+    workdir_lib.write_atomic(workdir / "spectral.json", json.dumps(out, indent=2))
     return out
 
 
@@ -221,7 +458,8 @@ def main(argv):
             if not (dest / "summary.json").exists():
                 raise FileNotFoundError(f"{dest / 'summary.json'} does not exist: --summaries "
                                         f"must hold this run's kept summary.")
-            train._write_atomic(dest / "spectral.json", (workdir / "spectral.json").read_text())
+            workdir_lib.write_atomic(dest / "spectral.json",
+                                     (workdir / "spectral.json").read_text())
         print(f"{workdir}: spectral report recomputed into spectral.json")
         return
     totals = run(FLAGS.workdir, num=FLAGS.num, chunk=FLAGS.chunk, first=FLAGS.first,
@@ -235,7 +473,7 @@ def main(argv):
         if not (dest / "summary.json").exists():
             raise FileNotFoundError(f"{dest / 'summary.json'} does not exist: --summaries must "
                                     f"hold this run's kept summary.")
-        train._write_atomic(dest / "standard.json", (workdir / "standard.json").read_text())
+        workdir_lib.write_atomic(dest / "standard.json", (workdir / "standard.json").read_text())
     print(f"{workdir}: standard ensemble {100 * totals['standard_ensemble_acc']:.2f} % on "
           f"{totals['num_standard']} images (clean {100 * totals['standard_clean_acc']:.2f} %), "
           f"{totals['standard_seconds'] / 60:.1f} min; per attack "

@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import tscnc_jax as tj
-from experiments import train
+from experiments import evaluate, train
 
 # XLA:CPU's faster convolution path for our models (tscnc_jax/xla_cpu.py); before any computation.
 tj.xla_cpu.set_fast_cpu_flags()
@@ -41,9 +41,9 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     config = FLAGS.config
     config.stages = train.split_stages(config.stages)  # --config.stages=prune,finetune
-    summary = train.train_and_evaluate(config, FLAGS.workdir)
+    summary = evaluate.train_and_evaluate(config, FLAGS.workdir)
     if config.eval.final:
-        print(train.results_markdown([summary]))
+        print(evaluate.results_markdown([summary]))
     else:
         print(f"Trained {','.join(summary['stages'])} to step {summary['trained_step']} in "
               f"{FLAGS.workdir}; not evaluated (config.eval.final=False).")

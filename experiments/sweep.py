@@ -27,7 +27,7 @@ import time
 
 from absl import app, flags
 
-from experiments import compare, train
+from experiments import compare, evaluate
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Parent directory of the runs' workdirs.")
@@ -94,7 +94,7 @@ def run_all(runs: list[tuple[str, str, list[str]]], root: pathlib.Path,
     if summaries:
         kept = kept_runs(summaries)
         if kept:
-            table = train.results_markdown(compare.load_summaries(kept), [d.name for d in kept])
+            table = evaluate.results_markdown(compare.load_summaries(kept), [d.name for d in kept])
             (pathlib.Path(summaries) / "results.md").write_text(table)
     return failed
 

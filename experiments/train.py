@@ -1,17 +1,16 @@
-"""The TSCNC pipeline: dense adversarial training -> pruning -> fine-tuning, resumable.
+"""The stages of the TSCNC pipeline and their training loop: dense adversarial training ->
+pruning -> fine-tuning, resumable.
 
-``train_and_evaluate(config, workdir)`` runs the stages named in ``config.stages`` in order. Each
-stage checkpoints into ``<workdir>/<stage>/checkpoints`` every epoch (orbax, atomic) and writes
+:func:`train` runs (or, where finished, loads) the stages named in ``config.stages`` in order;
+the evaluation of the result is :mod:`experiments.evaluate` (``train_and_evaluate``). Each stage
+checkpoints into ``<workdir>/<stage>/checkpoints`` every epoch (orbax, atomic) and writes
 ``<workdir>/<stage>/final`` when done; the next stage starts from the previous stage's final
 state. Rerunning the same command resumes: finished stages are loaded, the running one continues
 from its latest checkpoint at the exact batch (the data order is a function of (seed, epoch)).
 
-Outputs in ``workdir``: ``metrics.jsonl`` (one JSON object per logged step or evaluation), the
-same scalars as TensorBoard event files in ``tensorboard/`` (tensorboardX, no TensorFlow),
-``summary.json`` and ``results.md`` (clean and robust accuracy
-per attack, measured sparsity, per-layer condition numbers of the pruned kernels, product of
-sigma_max), and the PNG figures of :mod:`experiments.plots`. A progress bar with ETA goes to
-stdout.
+Outputs in ``workdir``: ``metrics.jsonl`` (one JSON object per logged step or evaluation) and the
+same scalars as TensorBoard event files in ``tensorboard/`` (tensorboardX, no TensorFlow). A
+progress bar with ETA goes to stdout.
 
 ``config.eval.checkpoint="best"`` hands on, from every stage, the state with the best robust
 accuracy on the validation split (carved from the training data; the test set is never used
@@ -26,21 +25,19 @@ import json
 import logging
 import math
 import pathlib
-import time
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import tensorboardX
 
 import tscnc_jax as tj
-from experiments import checkpoints, plots
+from experiments import checkpoints
 from experiments import data as data_lib
-from tscnc_jax import models as tj_models
-from tscnc_jax import spectral, training
+from experiments import workdir as workdir_lib
+from tscnc_jax import training
 from tscnc_jax._progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -50,11 +47,6 @@ STAGES = ("dense", "prune", "finetune")
 
 class NonFiniteError(FloatingPointError):
     """A training step produced a non-finite loss or gradient."""
-
-
-def _jsonl(path: pathlib.Path, record: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _host(metrics: dict) -> dict:
@@ -108,7 +100,8 @@ def _attack(config):
                                    step_size=config.attack_step_size)
 
 
-def _eval_attack(config):
+def eval_attack(config):
+    """The PGD of validation and of the final evaluation (``config.eval.pgd_*``)."""
     return training.default_attack("pgd_at", eps=config.eps, steps=config.eval.pgd_steps,
                                    step_size=config.eval.pgd_step_size)
 
@@ -214,22 +207,23 @@ def _run_loop(
         progress.update(1)
         if (global_step + 1) % config.log_every == 0:
             host = _host(metrics)
-            _jsonl(metrics_path, {"stage": stage, "step": global_step + 1, "epoch": epoch,
-                                  **host})
+            workdir_lib.append_jsonl(metrics_path, {"stage": stage, "step": global_step + 1,
+                                                    "epoch": epoch, **host})
             for k, v in host.items():
                 tb.add_scalar(f"{stage}/train/{k}", v, global_step + 1)
             progress.set_postfix(loss=f"{host['loss']:.3f}", adv=f"{host['adv_acc']:.2f}")
         if (global_step + 1) % steps_per_epoch == 0:
             val = eval_fn(state)
-            _jsonl(metrics_path, {"stage": stage, "step": global_step + 1, "epoch": epoch + 1,
-                                  **{f"val_{k}": v for k, v in val.items()}})
+            workdir_lib.append_jsonl(metrics_path, {
+                "stage": stage, "step": global_step + 1, "epoch": epoch + 1,
+                **{f"val_{k}": v for k, v in val.items()}})
             for k, v in val.items():
                 tb.add_scalar(f"{stage}/val/{k}", v, global_step + 1)
             checkpoints.save(mgr, global_step + 1, state)
             if val["robust_acc"] > best_val:
                 best_val = val["robust_acc"]
                 checkpoints.save(best_mgr, global_step + 1, state)
-                _write_atomic(best_path, json.dumps({"step": global_step + 1, **val}))
+                workdir_lib.write_atomic(best_path, json.dumps({"step": global_step + 1, **val}))
     progress.close()
     tb.close()
     if config.eval.checkpoint == "best" and best_path.exists():
@@ -237,12 +231,6 @@ def _run_loop(
         log.info("%s: handing on the best validation state (step %d)", stage, int(best.step))
         return best
     return state
-
-
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +258,7 @@ def _save_final(workdir: pathlib.Path, stage: str, state: tj.TrainState) -> None
 
 def _make_eval_fn(config, model, data, *, mode="dense", sparsity=None, scope="layer",
                   use_ema=True):
-    evaluate = jax.jit(training.make_eval_step(model, use_ema=use_ema, attack=_eval_attack(config),
+    evaluate = jax.jit(training.make_eval_step(model, use_ema=use_ema, attack=eval_attack(config),
                                                mode=mode, sparsity=sparsity, scope=scope))
     n = min(config.eval.num_val, data.val_images.shape[0])
     x, y = data.val_images[:n], data.val_labels[:n]
@@ -313,18 +301,23 @@ def _finished(source: pathlib.Path, stage: str, template, *, optimizer: bool = T
     return done
 
 
-def _dense_stage(config, workdir, model, data) -> tj.TrainState:
-    state, tx = _dense_initial_state(config, model, data)
-    done = _load_final(workdir, "dense", state)
+def _train_stage(stage, config, workdir, model, data, state, tx, epochs) -> tj.TrainState:
+    """A weight-training stage (dense or fine-tuning): its final state when finished, else
+    trains ``state`` (resuming) and saves it as the stage's final state."""
+    done = _load_final(workdir, stage, state)
     if done is not None:
         return done
     step_fn = jax.jit(training.make_train_step(model, tx, loss=config.loss, attack=_attack(config),
                                                beta=config.beta, ema_decay=config.ema_decay))
-    state = _run_loop("dense", config=config, workdir=workdir, state=state, step_fn=step_fn,
-                      eval_fn=_make_eval_fn(config, model, data), data=data,
-                      epochs=config.dense.epochs)
-    _save_final(workdir, "dense", state)
+    state = _run_loop(stage, config=config, workdir=workdir, state=state, step_fn=step_fn,
+                      eval_fn=_make_eval_fn(config, model, data), data=data, epochs=epochs)
+    _save_final(workdir, stage, state)
     return state
+
+
+def _dense_stage(config, workdir, model, data) -> tj.TrainState:
+    state, tx = _dense_initial_state(config, model, data)
+    return _train_stage("dense", config, workdir, model, data, state, tx, config.dense.epochs)
 
 
 def _prune_stage(config, workdir, model, data, dense: tj.TrainState, *, run: bool = True):
@@ -366,182 +359,26 @@ def _finetune_stage(config, workdir, model, data, params, batch_stats, masks) ->
     state = training.create_train_state(model, tx, jax.random.key(config.seed + 4),
                                         data.train_images.shape[1:], params=params,
                                         batch_stats=batch_stats, masks=masks)
-    done = _load_final(workdir, "finetune", state)
-    if done is not None:
-        return done
-    step_fn = jax.jit(training.make_train_step(model, tx, loss=config.loss, attack=_attack(config),
-                                               beta=config.beta, ema_decay=config.ema_decay))
-    state = _run_loop("finetune", config=config, workdir=workdir, state=state, step_fn=step_fn,
-                      eval_fn=_make_eval_fn(config, model, data), data=data,
-                      epochs=config.finetune.epochs)
-    _save_final(workdir, "finetune", state)
-    return state
-
-
-# ----------------------------------------------------------------------------------------------
-# Final evaluation and report.
-# ----------------------------------------------------------------------------------------------
-
-
-def spectral_report(params, masks=None, conv_inputs: dict | None = None) -> dict:
-    """Per-layer condition numbers (float64) of the (pruned) kernels, and the product of sigma_max.
-
-    ``kappa`` is each kernel's *live* condition number: the all-zero rows and columns a pruned
-    kernel has (dead inputs, dead units) are dropped first, since their singular values are zero
-    by structure (``spectral.tree_live_condition_numbers``); ``full_kappa`` is the whole
-    matrix's, infinite wherever such a row or column exists. Dense kernels have none, so both
-    agree there. ``live_kappa`` repeats ``kappa`` under the name older summaries used.
-    ``operator_kappa`` is, for each stride-1 convolution in ``conv_inputs``
-    (``models.conv_input_shapes``), the live condition number of its circularly padded operator
-    on the layer's input grid (``spectral.host_conv_operator_condition_number``). The weight
-    fractions count kernel entries with ``|w| < 1e-3``, of all and of the non-zero ones.
-    """
-    spectra = spectral.tree_singular_values(params, masks)  # one SVD per kernel
-    full = {name: spectral.host_condition_number(s, shape) for name, (s, shape) in spectra.items()}
-    sigma_max = {name: float(s[0]) for name, (s, _) in spectra.items()}
-    live = spectral.tree_live_condition_numbers(params, masks)
-    kappa = {k: v["kappa"] for k, v in live.items()}
-
-    def log10(values):
-        return np.log10(np.array(list(values), np.float64))
-
-    report = {"kappa_definition": "live", "kappa": kappa, "full_kappa": full,
-              "sigma_max": sigma_max,
-              "median_log10_kappa": float(np.median(log10(kappa.values()))),
-              "max_log10_kappa": float(np.max(log10(kappa.values()))),
-              "median_log10_full_kappa": float(np.median(log10(full.values()))),
-              "max_log10_full_kappa": float(np.max(log10(full.values()))),
-              "live_kappa": kappa,
-              "live_shape": {k: [v["live_rows"], v["live_cols"]] for k, v in live.items()},
-              "live_rank": {k: v["live_rank"] for k, v in live.items()},
-              "median_log10_live_kappa": float(np.median(log10(kappa.values()))),
-              "max_log10_live_kappa": float(np.max(log10(kappa.values()))),
-              "lipschitz_upper_bound": float(np.prod(list(sigma_max.values())))}
-    weights = [np.abs(np.asarray(jax.device_get(w), np.float64)
-                      * (1.0 if m is None else np.asarray(jax.device_get(m), np.float64))).ravel()
-               for _, w, m in tj.named_leaves(params, masks)]
-    w = np.concatenate(weights) if weights else np.zeros(0)
-    report["weights_below_1e-3"] = float(np.mean(w < 1e-3)) if w.size else float("nan")
-    nonzero = w[w != 0]
-    report["nonzero_weights_below_1e-3"] = (float(np.mean(nonzero < 1e-3)) if nonzero.size
-                                            else float("nan"))
-    operator = {}
-    flat = {name: (leaf, m) for name, leaf, m in tj.named_leaves(params, masks)}
-    for name, where in (conv_inputs or {}).items():
-        if name in flat and tuple(where["strides"]) == (1, 1):
-            leaf, m = flat[name]
-            operator[name] = spectral.host_conv_operator_condition_number(
-                leaf, where["input"][:2], m)["kappa"]
-    if operator:
-        report["operator_kappa"] = operator
-        report["median_log10_operator_kappa"] = float(np.median(log10(operator.values())))
-    return report
-
-
-def conv_inputs(model, state: tj.TrainState, data) -> dict:
-    """Each convolution's input grid, strides and padding (``models.conv_input_shapes``)."""
-    variables = {"params": state.params}
-    if jax.tree.leaves(state.batch_stats):
-        variables["batch_stats"] = state.batch_stats
-    return tj_models.conv_input_shapes(model, variables, data.train_images.shape[1:])
-
-
-def evaluated_params(config, state: tj.TrainState):
-    """The parameters a run is evaluated with: the EMA copy when the config keeps one."""
-    return state.ema_params if config.ema_decay is not None else state.params
-
-
-def logits_function(config, model, state: tj.TrainState):
-    """The jitted inference-mode ``x -> logits`` of a trained state."""
-    variables = {"params": evaluated_params(config, state)}
-    if jax.tree.leaves(state.batch_stats):
-        variables["batch_stats"] = state.batch_stats
-    return jax.jit(functools.partial(model.apply, variables, train=False))
-
-
-def test_arrays(data, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """The first ``n`` test images as float32 in [0, 1] and their int32 labels."""
-    return (data.test_images[:n].astype(np.float32) / 255.0,
-            data.test_labels[:n].astype(np.int32))
-
-
-def standard_key(config) -> jax.Array:
-    """The key of a run's standard-ensemble evaluation (here and in ``experiments.evaluate``)."""
-    return jax.random.key(config.seed + 8)
-
-
-def final_evaluation(config, model, state: tj.TrainState, data, masks=None) -> dict:
-    params = evaluated_params(config, state)
-    logits_fn = logits_function(config, model, state)
-    n = min(config.eval.num_test, data.test_images.shape[0])
-    x, y = test_arrays(data, n)
-    t0 = time.time()
-    pgd_attack = _eval_attack(config)
-    keys = jax.random.split(jax.random.key(config.seed + 5), n)
-    correct_pgd = 0
-    pgd_jit = jax.jit(lambda xb, yb, kb: pgd_attack(logits_fn, xb, yb, kb))
-    for i in range(0, n, config.batch_size):
-        xb, yb = x[i:i + config.batch_size], y[i:i + config.batch_size]
-        x_adv = pgd_jit(xb, yb, keys[i:i + config.batch_size])
-        correct_pgd += int(jnp.sum(jnp.argmax(logits_fn(x_adv), -1) == yb))
-    def batches(m):
-        return [(x[i:min(i + config.batch_size, m)], y[i:min(i + config.batch_size, m)])
-                for i in range(0, m, config.batch_size)]
-
-    report = tj.evaluate_robustness(
-        logits_fn, batches(n), eps=config.eps, attacks=config.eval.attacks,
-        key=jax.random.key(config.seed + 6), progress=config.progress)
-    standard = {}
-    n_std = min(config.eval.num_standard, n)
-    if n_std:
-        t_std = time.time()
-        std = tj.evaluate_robustness(logits_fn, batches(n_std), eps=config.eps,
-                                     attacks="standard", key=standard_key(config),
-                                     progress=config.progress)
-        fast_robust = report.clean_correct[:n_std] & (report.broken_by[:n_std] < 0)
-        standard = {"num_standard": n_std,
-                    "standard_ensemble_acc": float(std.ensemble_robust_accuracy),
-                    "fast_ensemble_acc_on_standard_subset": float(np.mean(fast_robust)),
-                    "standard_per_attack": {k: float(v) for k, v in std.robust_accuracy.items()},
-                    "standard_attack_warnings": list(std.warnings),
-                    "standard_seconds": time.time() - t_std}
-    n_lip = min(config.eval.num_lipschitz, n)
-    lip_jit = jax.jit(lambda xb, kb: tj.local_lipschitz(
-        logits_fn, xb, key=kb, eps=config.eps, steps=config.eval.lipschitz_steps))
-    lip_key = jax.random.key(config.seed + 7)
-    lip = np.concatenate([np.zeros(0, np.float32)] + [
-        np.asarray(lip_jit(x[i:min(i + config.batch_size, n_lip)], jax.random.fold_in(lip_key, i)))
-        for i in range(0, n_lip, config.batch_size)])
-    sparsity = tj.summarize_sparsity(tj.nonzero_masks(params))
-    result = {
-        "num_test": n,
-        "clean_acc": float(report.clean_accuracy),
-        f"pgd{config.eval.pgd_steps}_acc": correct_pgd / n,
-        "ensemble_acc": float(report.ensemble_robust_accuracy),
-        "per_attack": {k: float(v) for k, v in report.robust_accuracy.items()},
-        "attack_warnings": list(report.warnings),
-        "sparsity": float(sparsity.sparsity),
-        "layer_sparsity": {name: float(layer.sparsity) for name, layer in sparsity.layers.items()},
-        "local_lipschitz_mean": float(np.mean(lip)) if n_lip else float("nan"),
-        "local_lipschitz_median": float(np.median(lip)) if n_lip else float("nan"),
-        "num_lipschitz": n_lip,
-        "eval_seconds": time.time() - t0,
-        **standard,
-    }
-    result.update(spectral_report(params, masks, conv_inputs(model, state, data)))
-    return result
+    return _train_stage("finetune", config, workdir, model, data, state, tx,
+                        config.finetune.epochs)
 
 
 class Trained(NamedTuple):
     """What :func:`train` hands to the evaluation: the model, its data, the state to evaluate,
-    the masks of a pruned run (``None`` for a dense one) and the spectral report of the dense
-    model it was pruned from (``None`` for a dense run)."""
+    the masks of a pruned run (``None`` for a dense one) and the dense state it was pruned from
+    (``None`` for a dense run)."""
 
     model: Any
     data: Any
     state: tj.TrainState
     masks: Any
-    dense_report: dict | None
+    dense: tj.TrainState | None
+
+
+def evaluated_params(config, state: tj.TrainState):
+    """The parameters a run is evaluated (and pruned) with: the EMA copy when the config keeps
+    one."""
+    return state.ema_params if config.ema_decay is not None else state.params
 
 
 def _stage_dirs(config, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -570,17 +407,16 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
         # whose optimizer (its penalties) differs from this config's dense one.
         state = _finished(dirs["dense"], "dense", _dense_initial_state(config, model, data)[0],
                           optimizer=False)
-    masks, before = None, None
+    masks, dense = None, None
     if "prune" in stages or "finetune" in stages:
-        before = spectral_report(evaluated_params(config, state),
-                                 conv_inputs=conv_inputs(model, state, data))
+        dense = state
         params, batch_stats, masks = _prune_stage(
             config, dirs["prune"], model, data, state, run="prune" in stages)
         state = state._replace(params=tj.apply_masks(params, masks),
                                ema_params=tj.apply_masks(params, masks), batch_stats=batch_stats)
         if "finetune" in stages:
             state = _finetune_stage(config, workdir, model, data, params, batch_stats, masks)
-    return Trained(model, data, state, masks, before)
+    return Trained(model, data, state, masks, dense)
 
 
 def restore(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Trained:
@@ -600,55 +436,3 @@ def restore(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> T
             f"Finish it first (python -m experiments.main with the same --config and "
             f"--workdir resumes it).")
     return train(config, workdir)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-    """Runs the pipeline of ``config`` in ``workdir`` (resuming) and returns the summary.
-
-    With ``config.eval.final=False`` it only trains: no test-set evaluation, no ``summary.json``,
-    and the returned dict holds just ``config``, ``stages`` and ``trained_step``.
-    """
-    t0 = time.time()
-    workdir = pathlib.Path(workdir)
-    model, data, state, masks, before = train(config, workdir)
-    stages = config.stages
-    if not config.eval.final:
-        log.info("config.eval.final=False: trained %s to step %d, no evaluation or summary",
-                 ",".join(stages), int(state.step))
-        return {"config": config.to_dict(), "stages": list(stages),
-                "trained_step": int(state.step)}
-    summary = {"config": config.to_dict(), "stages": list(stages),
-               "evaluated_step": int(state.step)}
-    summary.update(final_evaluation(config, model, state, data, masks))
-    if before is not None:
-        summary["dense_kappa"] = before["kappa"]
-        summary["dense_sigma_max"] = before["sigma_max"]
-        summary["dense_weights_below_1e-3"] = before["weights_below_1e-3"]
-        if "operator_kappa" in before:
-            summary["dense_operator_kappa"] = before["operator_kappa"]
-    summary["wall_seconds"] = time.time() - t0
-    _write_atomic(workdir / "summary.json", json.dumps(summary, indent=2, default=str))
-    _write_atomic(workdir / "results.md", results_markdown([summary]))
-    if config.plots:
-        plots.run_plots(workdir, summary)
-    return summary
-
-
-def results_markdown(summaries: list[dict], names: list[str] | None = None) -> str:
-    """A results table, one row per run summary, labelled by ``names`` (default: each run's
-    config name)."""
-    lines = ["| run | sparsity | clean | PGD | ensemble | median log10 kappa | max log10 kappa | "
-             "max log10 live kappa | prod sigma_max |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    if names is None:
-        names = [s["config"].get("name", "run") for s in summaries]
-    for s, name in zip(summaries, names, strict=True):
-        pgd = next(v for k, v in s.items() if k.startswith("pgd") and k.endswith("_acc"))
-        # Summaries written before the live kappa existed have no such field.
-        live = s.get("max_log10_live_kappa")
-        live = "-" if live is None else f"{live:.2f}"
-        lines.append(
-            f"| {name} | {100 * s['sparsity']:.2f} % | {100 * s['clean_acc']:.2f} | "
-            f"{100 * pgd:.2f} | {100 * s['ensemble_acc']:.2f} | {s['median_log10_kappa']:.2f} | "
-            f"{s['max_log10_kappa']:.2f} | {live} | {s['lipschitz_upper_bound']:.3g} |")
-    return "\n".join(lines) + "\n"

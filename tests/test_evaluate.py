@@ -65,7 +65,7 @@ def test_chunks_reproduce_the_run_resume_and_feed_the_report(tmp_path):
     config = importlib.import_module("experiments.configs.hydra").get_config("smoke")
     config.eval.num_standard = 24
     run = tmp_path / "runs" / "hydra_s0"
-    summary = train.train_and_evaluate(config, run)
+    summary = evaluate.train_and_evaluate(config, run)
     # One chunk of the run's num_standard images: the run's own key, batches and numbers.
     first = evaluate.run(run, num=24, chunk=24)
     assert first["standard_ensemble_acc"] == summary["standard_ensemble_acc"]
@@ -121,8 +121,8 @@ def test_a_chunk_another_process_finished_meanwhile_is_skipped(tmp_path, monkeyp
 
     trained = types.SimpleNamespace(state=types.SimpleNamespace(step=3), model=None, data=None)
     monkeypatch.setattr(train, "restore", lambda config, workdir: trained)
-    monkeypatch.setattr(train, "logits_function", lambda config, model, state: None)
-    monkeypatch.setattr(train, "test_arrays",
+    monkeypatch.setattr(evaluate, "logits_function", lambda config, model, state: None)
+    monkeypatch.setattr(evaluate, "test_arrays",
                         lambda data, num: (np.zeros((num, 28, 28, 1)), np.zeros(num, int)))
     evaluated = []
 

@@ -306,7 +306,79 @@ def evaluate_robustness(
         batch_size = _validation.check_int("batch_size", batch_size)
     batch_size = default_bs if batch_size is None else batch_size
     n = len(y_all)
+    n_classes = _check_data(logits_fn, x_all, y_all, batch_size, (lo, hi))
+    members = _resolve_attacks(attacks, n_classes, norm)
+    names = tuple(m[0] for m in members)
+    seconds: dict[str, float] = {}
+    predict = jax.jit(lambda xb: jnp.argmax(logits_fn(xb), axis=-1))
 
+    t0 = time.perf_counter()
+    clean_correct = _predict_all(predict, x_all, batch_size) == y_all
+    seconds["clean"] = time.perf_counter() - t0
+    n_clean = int(clean_correct.sum())
+
+    x_adv = x_all.copy()
+    broken_by = np.full(n, -1, np.int32)
+    robust = clean_correct.copy()
+    robust_acc: dict[str, float] = {}
+    n_broken: dict[str, int] = {}
+    member_robust: dict[str, np.ndarray] = {}
+    for i, (name, attack) in enumerate(members):
+        t0 = time.perf_counter()
+        todo = np.flatnonzero(robust if cascade else clean_correct)
+        this_robust = _run_member(
+            name, i, attack, logits_fn, x_all, y_all, todo, clean_correct, broken_by, x_adv,
+            key=jax.random.fold_in(key, i), eps=eps, norm=norm, bounds=(lo, hi),
+            batch_size=batch_size, progress=progress)
+        newly = robust & ~this_robust
+        n_broken[name] = (
+            int((this_robust != clean_correct).sum()) if not cascade else int(newly.sum())
+        )
+        robust &= this_robust
+        member_robust[name] = this_robust
+        robust_acc[name] = float((robust if cascade else this_robust).sum() / n)
+        seconds[name] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    final_robust, notes, not_reproduced = _verify_ensemble(
+        predict, x_all, y_all, x_adv, broken_by, clean_correct, robust, eps=eps, norm=norm,
+        bounds=(lo, hi), batch_size=batch_size)
+    n_robust = int(final_robust.sum())
+    _check_consistency(names, robust_acc, n_clean / n, n_robust / n, not_reproduced / n, cascade)
+    if sanity_checks:
+        notes += _masking_diagnostics(
+            logits_fn, x_all, y_all, clean_correct, member_robust, n_broken, names, cascade,
+            eps=eps, norm=norm, bounds=(lo, hi), key=jax.random.fold_in(key, len(members)),
+            batch_size=batch_size)
+    for note in notes:
+        warnings.warn(note, GradientMaskingWarning, stacklevel=2)
+    seconds["checks"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_start
+    return RobustnessReport(
+        eps=eps,
+        norm=norm,
+        bounds=(lo, hi),
+        attacks=names,
+        cascade=cascade,
+        n_examples=n,
+        n_clean_correct=n_clean,
+        clean_accuracy=n_clean / n,
+        robust_accuracy=robust_acc,
+        n_broken=n_broken,
+        ensemble_robust_accuracy=n_robust / n,
+        n_robust=n_robust,
+        seconds=seconds,
+        warnings=tuple(notes),
+        clean_correct=clean_correct,
+        broken_by=broken_by,
+        x_adv=x_adv if return_adversarial else None,
+    )
+
+
+def _check_data(logits_fn, x_all, y_all, batch_size, bounds) -> int:
+    """Checks the inputs against ``bounds`` and the labels against the logits; returns the
+    number of classes."""
+    lo, hi = bounds
     if not np.all(np.isfinite(x_all)):
         raise ValueError("inputs contain NaN or inf.")
     if x_all.min() < lo or x_all.max() > hi:
@@ -324,73 +396,53 @@ def evaluate_robustness(
         raise ValueError(
             f"labels must be in [0, {n_classes}); got values in [{y_all.min()}, {y_all.max()}]."
         )
-    members = _resolve_attacks(attacks, n_classes, norm)
-    names = tuple(m[0] for m in members)
-    seconds: dict[str, float] = {}
-    notes: list[str] = []
+    return n_classes
 
-    predict = jax.jit(lambda xb: jnp.argmax(logits_fn(xb), axis=-1))
 
-    def predict_all(x_np: np.ndarray) -> np.ndarray:
-        pred = np.empty(n, np.int32)
-        for part, m in _chunks(np.arange(n), batch_size):
-            pred[part[:m]] = np.asarray(predict(jnp.asarray(x_np[part])))[:m]
-        return pred
+def _predict_all(predict, x_np: np.ndarray, batch_size: int) -> np.ndarray:
+    """The predicted class of every example, in padded batches of ``batch_size``."""
+    pred = np.empty(len(x_np), np.int32)
+    for part, m in _chunks(np.arange(len(x_np)), batch_size):
+        pred[part[:m]] = np.asarray(predict(jnp.asarray(x_np[part])))[:m]
+    return pred
 
-    # Clean pass.
-    t0 = time.perf_counter()
-    clean_correct = predict_all(x_all) == y_all
-    seconds["clean"] = time.perf_counter() - t0
-    n_clean = int(clean_correct.sum())
 
-    x_adv = x_all.copy()
-    broken_by = np.full(n, -1, np.int32)
-    robust = clean_correct.copy()
-    robust_acc: dict[str, float] = {}
-    n_broken: dict[str, int] = {}
-    member_robust: dict[str, np.ndarray] = {}
-
-    for i, (name, attack) in enumerate(members):
-        t0 = time.perf_counter()
-        run = jax.jit(
-            lambda xb, yb, k, attack=attack: _run_and_predict(
-                attack, logits_fn, xb, yb, k, eps, norm, (lo, hi)
-            )
+def _run_member(name, i, attack, logits_fn, x_all, y_all, todo, clean_correct, broken_by, x_adv,
+                *, key, eps, norm, bounds, batch_size, progress) -> np.ndarray:
+    """Attack ``i`` on the examples ``todo``; returns which clean-correct examples it left
+    robust, and records in ``broken_by`` / ``x_adv`` the examples it is the first to break."""
+    run = jax.jit(
+        lambda xb, yb, k: _run_and_predict(attack, logits_fn, xb, yb, k, eps, norm, bounds)
+    )
+    this_robust = clean_correct.copy()
+    bar = progress_bar(-(-len(todo) // batch_size), desc=name, unit="batch", enabled=progress,
+                       leave=False)
+    for j, (part, m) in enumerate(_chunks(todo, batch_size)):
+        xa, pred = run(
+            jnp.asarray(x_all[part]), jnp.asarray(y_all[part]), jax.random.fold_in(key, j)
         )
-        todo = np.flatnonzero(robust if cascade else clean_correct)
-        this_robust = clean_correct.copy()
-        bar = progress_bar(-(-len(todo) // batch_size), desc=name, unit="batch",
-                           enabled=progress, leave=False)
-        key_i = jax.random.fold_in(key, i)
-        for j, (part, m) in enumerate(_chunks(todo, batch_size)):
-            xa, pred = run(
-                jnp.asarray(x_all[part]), jnp.asarray(y_all[part]), jax.random.fold_in(key_i, j)
-            )
-            xa, pred = np.asarray(xa)[:m], np.asarray(pred)[:m]
-            idx = part[:m]
-            check_adversarial(
-                x_all[idx], xa, eps=eps, norm=norm, bounds=(lo, hi), name=f"attack {name!r}"
-            )
-            fooled = pred != y_all[idx]
-            this_robust[idx[fooled]] = False
-            first = fooled & (broken_by[idx] < 0)
-            broken_by[idx[first]] = i
-            x_adv[idx[first]] = xa[first]
-            bar.update()
-        bar.close()
-        newly = robust & ~this_robust
-        n_broken[name] = (
-            int((this_robust != clean_correct).sum()) if not cascade else int(newly.sum())
+        xa, pred = np.asarray(xa)[:m], np.asarray(pred)[:m]
+        idx = part[:m]
+        check_adversarial(
+            x_all[idx], xa, eps=eps, norm=norm, bounds=bounds, name=f"attack {name!r}"
         )
-        robust &= this_robust
-        member_robust[name] = this_robust
-        robust_acc[name] = float((robust if cascade else this_robust).sum() / n)
-        seconds[name] = time.perf_counter() - t0
+        fooled = pred != y_all[idx]
+        this_robust[idx[fooled]] = False
+        first = fooled & (broken_by[idx] < 0)
+        broken_by[idx[first]] = i
+        x_adv[idx[first]] = xa[first]
+        bar.update()
+    bar.close()
+    return this_robust
 
-    # Verify the ensemble by one forward pass on the stored adversarial inputs.
-    t0 = time.perf_counter()
-    check_adversarial(x_all, x_adv, eps=eps, norm=norm, bounds=(lo, hi), name="ensemble")
-    final_robust = clean_correct & (predict_all(x_adv) == y_all)
+
+def _verify_ensemble(predict, x_all, y_all, x_adv, broken_by, clean_correct, robust, *, eps,
+                     norm, bounds, batch_size):
+    """One forward pass on the stored adversarial inputs: returns the examples robust to all
+    attacks, notes, and how many reported breaks did not reproduce (counted robust)."""
+    notes = []
+    check_adversarial(x_all, x_adv, eps=eps, norm=norm, bounds=bounds, name="ensemble")
+    final_robust = clean_correct & (_predict_all(predict, x_adv, batch_size) == y_all)
     not_reproduced = int((final_robust & ~robust).sum())
     if not_reproduced:
         notes.append(
@@ -404,9 +456,11 @@ def evaluate_robustness(
             "ensemble: examples that no attack broke (x_adv = x) are now misclassified: "
             "logits_fn is not deterministic."
         )
-    n_robust = int(final_robust.sum())
-    ensemble_acc = n_robust / n
-    clean_acc = n_clean / n
+    return final_robust, notes, not_reproduced
+
+
+def _check_consistency(names, robust_acc, clean_acc, ensemble_acc, not_reproduced_frac,
+                       cascade) -> None:
     for name in names:
         if robust_acc[name] > clean_acc:
             raise AttackSoundnessError(
@@ -414,7 +468,7 @@ def evaluate_robustness(
                 f"({clean_acc:.4f})."
             )
         # Examples whose break did not reproduce are counted robust in the ensemble only.
-        if ensemble_acc > robust_acc[name] + not_reproduced / n:
+        if ensemble_acc > robust_acc[name] + not_reproduced_frac:
             raise AttackSoundnessError(
                 f"ensemble robust accuracy ({ensemble_acc:.4f}) exceeds that of {name!r} "
                 f"({robust_acc[name]:.4f})."
@@ -423,46 +477,6 @@ def evaluate_robustness(
         robust_acc[a] < robust_acc[b] for a, b in zip(names, names[1:], strict=False)
     ):
         raise AttackSoundnessError(f"cumulative robust accuracy increased: {robust_acc}.")
-
-    if sanity_checks:
-        notes += _masking_diagnostics(
-            logits_fn,
-            x_all,
-            y_all,
-            clean_correct,
-            member_robust,
-            n_broken,
-            names,
-            cascade,
-            eps=eps,
-            norm=norm,
-            bounds=(lo, hi),
-            key=jax.random.fold_in(key, len(members)),
-            batch_size=batch_size,
-        )
-    for note in notes:
-        warnings.warn(note, GradientMaskingWarning, stacklevel=2)
-    seconds["checks"] = time.perf_counter() - t0
-    seconds["total"] = time.perf_counter() - t_start
-    return RobustnessReport(
-        eps=eps,
-        norm=norm,
-        bounds=(lo, hi),
-        attacks=names,
-        cascade=cascade,
-        n_examples=n,
-        n_clean_correct=n_clean,
-        clean_accuracy=clean_acc,
-        robust_accuracy=robust_acc,
-        n_broken=n_broken,
-        ensemble_robust_accuracy=ensemble_acc,
-        n_robust=n_robust,
-        seconds=seconds,
-        warnings=tuple(notes),
-        clean_correct=clean_correct,
-        broken_by=broken_by,
-        x_adv=x_adv if return_adversarial else None,
-    )
 
 
 def _run_and_predict(attack, logits_fn, x, y, key, eps, norm, bounds):
@@ -510,12 +524,7 @@ def _masking_diagnostics(
     idx = np.flatnonzero(clean_correct)[:batch_size]
     if len(idx) == 0:
         return notes
-    n_valid = len(idx)
-    part = (
-        np.concatenate([idx, np.full(batch_size - n_valid, idx[0])])
-        if n_valid < batch_size
-        else idx
-    )
+    part, n_valid = next(_chunks(idx, batch_size))
     xb, yb = jnp.asarray(x_all[part]), jnp.asarray(y_all[part])
     k_curve, k_big = jax.random.split(key)
 

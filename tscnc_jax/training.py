@@ -275,6 +275,76 @@ def _kernel_sq_norm(params: PyTree) -> jax.Array:
                 tree_utils.named_leaves(params)), jnp.zeros([], jnp.float32))
 
 
+#: The training objective of each loss from ``(clean_logits, adv_logits, y, beta)`` (clean
+#: training passes the clean logits as both).
+_OBJECTIVES: dict[str, Callable] = {
+    "clean": lambda clean, adv, y, beta: cross_entropy(clean, y),
+    "pgd_at": lambda clean, adv, y, beta: cross_entropy(adv, y),
+    "trades": trades_loss,
+    "mart": mart_loss,
+}
+
+
+def _check_step_arguments(loss, attack, mode, sparsity, beta, ema_decay) -> None:
+    if loss not in LOSSES:
+        raise ValueError(f"`loss` must be one of {LOSSES}, got {loss!r}.")
+    if loss != "clean" and attack is None:
+        raise ValueError(f"loss={loss!r} needs an `attack` (e.g. training.default_attack(...)).")
+    if mode not in ("dense", "scores"):
+        raise ValueError(f"`mode` must be 'dense' or 'scores', got {mode!r}.")
+    if mode == "scores" and sparsity is None:
+        raise ValueError("mode='scores' needs `sparsity` (the fraction of weights removed).")
+    if beta < 0:
+        raise ValueError(f"`beta` must be >= 0, got {beta!r}.")
+    if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"`ema_decay` must be in [0, 1) or None, got {ema_decay!r}.")
+
+
+def _step_keys(state: TrainState, local_batch: int, axis_name: str | None):
+    """One attack key per example and the model's rngs for this step.
+
+    The attack's start of global example i uses key (rng, step, i), the gates are shared across
+    the batch (and so across devices), dropout is per device.
+    """
+    key = jax.random.fold_in(state.rng, state.step)
+    attack_key, gate_key, dropout_key = jax.random.split(key, 3)
+    example_keys = _example_keys(attack_key, local_batch, axis_name)
+    if axis_name is not None:
+        dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
+    return example_keys, {"gates": gate_key, "dropout": dropout_key}
+
+
+def _train_apply(model: nn.Module, batch_stats: PyTree, rngs: dict) -> Callable:
+    """``apply(params, batch_stats, x) -> (logits, new_batch_stats)`` in training mode (the
+    statistics pass through unchanged for a model without BatchNorm)."""
+    has_bn = bool(jax.tree.leaves(batch_stats))
+
+    def apply(params, stats, inputs):
+        if not has_bn:
+            return model.apply({"params": params}, inputs, train=True, rngs=rngs), stats
+        logits, upd = model.apply({"params": params, "batch_stats": stats}, inputs, train=True,
+                                  rngs=rngs, mutable=["batch_stats"])
+        return logits, upd["batch_stats"]
+
+    return apply
+
+
+def _inference_logits(model: nn.Module, params: PyTree, batch_stats: PyTree) -> Callable:
+    """``x -> logits`` in inference mode: what the training attack sees."""
+    variables = {"params": params}
+    if jax.tree.leaves(batch_stats):
+        variables["batch_stats"] = batch_stats
+    return lambda inputs: model.apply(variables, inputs, train=False)
+
+
+def _keep_if_finite(finite: jax.Array, old: TrainState, new: TrainState) -> TrainState:
+    """``new`` where ``finite``, else ``old`` with its step counted: a non-finite step leaves the
+    state unchanged so that the host can stop the run with the offending step and terms."""
+    keep = functools.partial(jax.tree.map, lambda n, o: jnp.where(finite, n, o))
+    return new._replace(**{f: keep(getattr(new, f), getattr(old, f))
+                           for f in TrainState._fields if f not in ("step", "rng")})
+
+
 def make_train_step(
     model: nn.Module,
     tx: optax.GradientTransformation,
@@ -318,18 +388,8 @@ def make_train_step(
       weight decay adds ``wd / 2`` times it), ``grad_norm``, and ``finite`` (1.0 when the loss
       and every gradient are finite; otherwise the state is left unchanged).
     """
-    if loss not in LOSSES:
-        raise ValueError(f"`loss` must be one of {LOSSES}, got {loss!r}.")
-    if loss != "clean" and attack is None:
-        raise ValueError(f"loss={loss!r} needs an `attack` (e.g. training.default_attack(...)).")
-    if mode not in ("dense", "scores"):
-        raise ValueError(f"`mode` must be 'dense' or 'scores', got {mode!r}.")
-    if mode == "scores" and sparsity is None:
-        raise ValueError("mode='scores' needs `sparsity` (the fraction of weights removed).")
-    if beta < 0:
-        raise ValueError(f"`beta` must be >= 0, got {beta!r}.")
-    if ema_decay is not None and not 0.0 <= ema_decay < 1.0:
-        raise ValueError(f"`ema_decay` must be in [0, 1) or None, got {ema_decay!r}.")
+    _check_step_arguments(loss, attack, mode, sparsity, beta, ema_decay)
+    objective_fn = _OBJECTIVES[loss]
 
     def effective_params(state: TrainState, trainable: PyTree) -> PyTree:
         if mode == "scores":
@@ -339,52 +399,23 @@ def make_train_step(
 
     def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         x, y = batch["image"], batch["label"]
-        # Randomness: the attack's start of global example i uses key (rng, step, i), the gates
-        # are shared across the batch (and so across devices), dropout is per device.
-        key = jax.random.fold_in(state.rng, state.step)
-        attack_key, gate_key, dropout_key = jax.random.split(key, 3)
-        example_keys = _example_keys(attack_key, y.shape[0], axis_name)
-        if axis_name is not None:
-            dropout_key = jax.random.fold_in(dropout_key, jax.lax.axis_index(axis_name))
-        rngs = {"gates": gate_key, "dropout": dropout_key}
-        has_bn = bool(jax.tree.leaves(state.batch_stats))
+        example_keys, rngs = _step_keys(state, y.shape[0], axis_name)
+        apply_train = _train_apply(model, state.batch_stats, rngs)
         trainable = state.scores if mode == "scores" else state.params
-
-        def apply_train(params, batch_stats, inputs):
-            variables = {"params": params, "batch_stats": batch_stats} if has_bn else {
-                "params": params}
-            if has_bn:
-                logits, upd = model.apply(variables, inputs, train=True, rngs=rngs,
-                                          mutable=["batch_stats"])
-                return logits, upd["batch_stats"]
-            return model.apply(variables, inputs, train=True, rngs=rngs), batch_stats
 
         def loss_fn(trainable):
             params = effective_params(state, trainable)
-            stats = state.batch_stats
             if loss == "clean":
-                clean_logits, stats = apply_train(params, stats, x)
-                adv_logits = clean_logits
-                objective = cross_entropy(clean_logits, y)
-            else:
-                eval_params = jax.lax.stop_gradient(params)
-                eval_vars = {"params": eval_params, "batch_stats": state.batch_stats} if has_bn \
-                    else {"params": eval_params}
-
-                def logits_fn(inputs):
-                    return model.apply(eval_vars, inputs, train=False)
-
-                x_adv = jax.lax.stop_gradient(attack(logits_fn, x, y, example_keys))
-                clean_logits, stats = apply_train(params, stats, x)
-                adv_logits, stats = apply_train(params, stats, x_adv)
-                if loss == "pgd_at":
-                    objective = cross_entropy(adv_logits, y)
-                elif loss == "trades":
-                    objective = trades_loss(clean_logits, adv_logits, y, beta)
-                else:
-                    objective = mart_loss(clean_logits, adv_logits, y, beta)
-            aux = (stats, clean_logits, adv_logits)
-            return objective, aux
+                clean_logits, stats = apply_train(params, state.batch_stats, x)
+                return objective_fn(clean_logits, clean_logits, y, beta), (
+                    stats, clean_logits, clean_logits)
+            logits_fn = _inference_logits(model, jax.lax.stop_gradient(params),
+                                          state.batch_stats)
+            x_adv = jax.lax.stop_gradient(attack(logits_fn, x, y, example_keys))
+            clean_logits, stats = apply_train(params, state.batch_stats, x)
+            adv_logits, stats = apply_train(params, stats, x_adv)
+            return objective_fn(clean_logits, adv_logits, y, beta), (
+                stats, clean_logits, adv_logits)
 
         (objective, (new_stats, clean_logits, adv_logits)), grads = jax.value_and_grad(
             loss_fn, has_aux=True)(trainable)
@@ -395,28 +426,16 @@ def make_train_step(
         new_trainable = optax.apply_updates(trainable, updates)
 
         new_params = state.params if mode == "scores" else new_trainable
-        new_scores = new_trainable if mode == "scores" else state.scores
         if ema_decay is not None and mode == "dense":
             new_ema = ema_update(state.ema_params, new_params, state.step, ema_decay)
         else:
             new_ema = state.ema_params
-
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
-        # A non-finite step leaves the state unchanged (but counts the step) so that the host can
-        # stop the run with the offending step and terms.
-        keep_if_finite = functools.partial(
-            jax.tree.map, lambda new, old: jnp.where(finite, new, old))
-        new_state = TrainState(
-            step=state.step + 1,
-            params=keep_if_finite(new_params, state.params),
-            batch_stats=keep_if_finite(new_stats, state.batch_stats),
-            opt_state=keep_if_finite(new_opt_state, state.opt_state),
-            ema_params=keep_if_finite(new_ema, state.ema_params),
-            rng=state.rng,
-            scores=keep_if_finite(new_scores, state.scores),
-        )
-
+        new_state = _keep_if_finite(finite, state, TrainState(
+            step=state.step + 1, params=new_params, batch_stats=new_stats,
+            opt_state=new_opt_state, ema_params=new_ema, rng=state.rng,
+            scores=new_trainable if mode == "scores" else state.scores))
         metrics = {
             "loss": objective,
             "clean_loss": cross_entropy(clean_logits, y),
@@ -458,10 +477,7 @@ def make_eval_step(
             params = tree_utils.apply_masks(state.params, masks)
         else:
             params = state.ema_params if use_ema else state.params
-        variables = {"params": params}
-        if jax.tree.leaves(state.batch_stats):
-            variables["batch_stats"] = state.batch_stats
-        logits_fn = functools.partial(model.apply, variables, train=False)
+        logits_fn = _inference_logits(model, params, state.batch_stats)
         logits = logits_fn(x)
         out = {
             "count": jnp.asarray(y.shape[0], jnp.float32),
