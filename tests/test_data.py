@@ -1,13 +1,19 @@
 """Tests of experiments.data: the original file formats, the tfds builders, the fast offline
-failure, and deterministic batching / augmentation. Offline and fast: the builders are tested on
-tiny files written here in the genuine on-disk formats, never on a download."""
+failure, deterministic batching / augmentation and the command line. Offline and fast: the
+builders are tested on tiny files written here in the genuine on-disk formats, never on a
+download."""
 
 import dataclasses
 import gzip
 import io
+import os
+import pathlib
 import pickle
+import re
 import socket
 import struct
+import subprocess
+import sys
 import tarfile
 import time
 
@@ -16,7 +22,9 @@ import numpy as np
 import pytest
 
 from experiments import data
+from experiments.data import readers, sources
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
              "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
@@ -36,7 +44,7 @@ def no_network(monkeypatch):
     def forbidden(url, timeout=None):
         raise AssertionError(f"the network probe was called for {url}")
 
-    monkeypatch.setattr(data, "can_connect", forbidden)
+    monkeypatch.setattr(sources, "can_connect", forbidden)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,7 +176,7 @@ def test_cifar_unpickler_refuses_code(tmp_path):
 
     raw = pickle.dumps({b"data": Evil(), b"labels": []}, protocol=2)
     with pytest.raises(pickle.UnpicklingError, match="refusing"):
-        data._cifar_batch(raw, "evil")
+        readers._cifar_batch(raw, "evil")
 
 
 def test_read_svhn_maps_label_10_to_0(tmp_path):
@@ -271,7 +279,8 @@ def test_download_path_with_a_fake_download_manager(tmp_path, monkeypatch, name)
 
     monkeypatch.setattr(tfds.download.DownloadManager, "download", fake_download)
     probed = []
-    monkeypatch.setattr(data, "can_connect", lambda url, timeout=None: probed.append(url) or True)
+    monkeypatch.setattr(sources, "can_connect",
+                        lambda url, timeout=None: probed.append(url) or True)
     ds = data.load_dataset(name, data_dir=tmp_path / "tfds")
     assert requested == [spec.urls] and probed  # probed before downloading
     np.testing.assert_array_equal(ds.test_images.reshape(expected["test"][0].shape),
@@ -355,7 +364,7 @@ def test_explicit_manual_dir_without_files_is_an_error(tmp_path, no_network):
 def test_direct_tfds_use_also_fails_fast(tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
-    monkeypatch.setattr(data, "can_connect", lambda url, timeout=None: False)
+    monkeypatch.setattr(sources, "can_connect", lambda url, timeout=None: False)
     builder = data.builder_class("mnist")(data_dir=tmp_path)
     t0 = time.perf_counter()
     with pytest.raises(data.DatasetNotFoundError, match="No network"):
@@ -381,7 +390,7 @@ def test_can_connect_is_bounded_even_if_connect_hangs(monkeypatch):
         time.sleep(3.0)
         raise OSError("too late")
 
-    monkeypatch.setattr(data.socket, "create_connection", hang)
+    monkeypatch.setattr(sources.socket, "create_connection", hang)
     t0 = time.perf_counter()
     assert not data.can_connect("https://example.invalid/", timeout=0.2)
     assert time.perf_counter() - t0 < 1.0
@@ -390,10 +399,38 @@ def test_can_connect_is_bounded_even_if_connect_hangs(monkeypatch):
 def test_probe_goes_through_the_proxy(monkeypatch):
     monkeypatch.setenv("https_proxy", "http://proxy.local:3128")
     monkeypatch.setenv("no_proxy", "")
-    assert data._probe_target("https://www.cs.toronto.edu/~kriz/x") == ("proxy.local", 3128)
+    target = sources._probe_target
+    assert target("https://www.cs.toronto.edu/~kriz/x") == ("proxy.local", 3128)
     monkeypatch.delenv("https_proxy")
-    assert data._probe_target("https://www.cs.toronto.edu/~kriz/x") == ("www.cs.toronto.edu", 443)
-    assert data._probe_target("http://ufldl.stanford.edu/h/x.mat") == ("ufldl.stanford.edu", 80)
+    assert target("https://www.cs.toronto.edu/~kriz/x") == ("www.cs.toronto.edu", 443)
+    assert target("http://ufldl.stanford.edu/h/x.mat") == ("ufldl.stanford.edu", 80)
+
+
+def test_command_line_output_and_exit_codes(tmp_path):
+    """``python -m experiments.data NAME...``: a line per dataset loaded, 1 and the message on
+    stderr when one is not found, 2 on a usage error."""
+    write_idx_dataset(tmp_path / "root" / "mnist", np.random.default_rng(9))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.update({data.ENV_MANUAL_DIR: str(tmp_path / "root"), data.ENV_OFFLINE: "1"})
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "experiments.data", *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    ok = cli("mnist", f"--data_dir={tmp_path / 'tfds'}", "--no_download")
+    assert ok.returncode == 0, ok.stderr[-3000:]
+    # (tfds' own lines about preparing come first.)
+    assert re.fullmatch(r"Dataset\('mnist', train=7, val=0, test=5, image_shape=\(28, 28, 1\), "
+                        r"num_classes=10\) in \d+\.\d s", ok.stdout.splitlines()[-1])
+    # Several names; one not found: its message on stderr, the others still loaded.
+    both = cli("svhn_cropped", "mnist", "--data_dir", str(tmp_path / "tfds"), "--no_download")
+    assert both.returncode == 1, both.stderr[-3000:]
+    assert "train_32x32.mat" in both.stderr and "allow_download=False" in both.stderr
+    assert both.stdout.splitlines()[-1].startswith("Dataset('mnist', train=7, val=0, test=5")
+    for args in ((), ("bogus",), ("mnist", "--no_such_flag")):
+        bad = cli(*args)
+        assert bad.returncode == 2, (args, bad.stderr[-3000:])
+        assert not bad.stdout
 
 
 # ----------------------------------------------------------------------------------------------
