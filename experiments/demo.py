@@ -21,8 +21,9 @@ from typing import Any
 from absl import app, flags, logging
 
 import tscnc_jax as tj
-from experiments import compare, train
+from experiments import train
 from experiments.configs import demo as demo_config
+from experiments.reporting import compare
 
 tj.set_fast_cpu_flags()  # see tscnc_jax/xla_cpu.py
 

@@ -10,8 +10,8 @@ Outputs in ``workdir``: ``metrics.jsonl`` (one JSON object per logged step or ev
 same scalars as TensorBoard event files in ``tensorboard/`` (tensorboardX, no TensorFlow),
 ``summary.json`` and ``results.md`` (clean and robust accuracy
 per attack, measured sparsity, per-layer condition numbers of the pruned kernels, product of
-sigma_max), and the PNG figures of :mod:`experiments.plots`. A progress bar with ETA goes to
-stdout.
+sigma_max), and the PNG figures of :mod:`experiments.reporting.plots`. A progress bar with ETA
+goes to stdout.
 
 ``config.eval.checkpoint="best"`` hands on, from every stage, the state with the best robust
 accuracy on the validation split (carved from the training data; the test set is never used
@@ -37,8 +37,9 @@ import optax
 import tensorboardX
 
 import tscnc_jax as tj
-from experiments import checkpoints, plots
+from experiments import checkpoints
 from experiments import data as data_lib
+from experiments.reporting import plots
 from tscnc_jax import models as tj_models
 from tscnc_jax import spectral, training
 from tscnc_jax._progress import progress_bar
