@@ -21,8 +21,9 @@ from typing import Any
 from absl import app, flags, logging
 
 import tscnc_jax as tj
-from experiments import compare, evaluate
+from experiments import evaluate
 from experiments.configs import demo as demo_config
+from experiments.reporting import compare
 
 tj.xla_cpu.set_fast_cpu_flags()  # see tscnc_jax/xla_cpu.py
 

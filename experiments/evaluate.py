@@ -49,9 +49,10 @@ import numpy as np
 from absl import app, flags, logging
 
 import tscnc_jax as tj
-from experiments import plots, train
+from experiments import train
 from experiments import workdir as workdir_lib
 from experiments.configs import base
+from experiments.reporting import plots
 from tscnc_jax import models as tj_models
 from tscnc_jax import spectral as tj_spectral
 

@@ -27,7 +27,8 @@ import time
 
 from absl import app, flags
 
-from experiments import compare, evaluate
+from experiments import evaluate
+from experiments.reporting import compare
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Parent directory of the runs' workdirs.")

@@ -7,7 +7,8 @@ import types
 import numpy as np
 import pytest
 
-from experiments import evaluate, report, train
+from experiments import evaluate, train
+from experiments.reporting import summaries
 
 
 def _chunk(start, clean, broken, attacks=("apgd-ce", "apgd-t", "square")):
@@ -93,7 +94,7 @@ def test_chunks_reproduce_the_run_resume_and_feed_the_report(tmp_path):
     kept.mkdir(parents=True)
     (kept / "summary.json").write_text((run / "summary.json").read_text())
     (kept / "standard.json").write_text((run / "standard.json").read_text())
-    (record,) = report.load(tmp_path / "kept")
+    (record,) = summaries.load(tmp_path / "kept")
     assert record.num_standard == 64 and record.standard == totals["standard_ensemble_acc"]
     assert record.fast_on_standard_subset == summary["ensemble_acc"]
     # The spectral report recomputed from the checkpoints: with the definitions the run used, it
@@ -105,7 +106,7 @@ def test_chunks_reproduce_the_run_resume_and_feed_the_report(tmp_path):
     changed = {**recomputed, "median_log10_live_kappa": 1.5,
                "operator_kappa": dict.fromkeys(recomputed["operator_kappa"], 10.0)}
     (kept / "spectral.json").write_text(json.dumps(changed))
-    (record,) = report.load(tmp_path / "kept")
+    (record,) = summaries.load(tmp_path / "kept")
     assert record.log10_live_kappa == 1.5 and set(dict(record.operator_kappa).values()) == {10.0}
     wrong = json.loads((run / "summary.json").read_text())
     wrong["sigma_max"] = {k: 2 * v for k, v in wrong["sigma_max"].items()}

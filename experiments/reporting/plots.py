@@ -1,4 +1,4 @@
-"""PNG figures of a run (and of several runs side by side).
+"""PNG figures of a run, of several runs side by side, and of a study's kept runs.
 
 Figures are :class:`matplotlib.figure.Figure` objects saved directly, so importing this module
 neither selects a backend nor touches pyplot's state (notebooks keep their inline figures).
@@ -7,8 +7,10 @@ neither selects a backend nor touches pyplot's state (notebooks keep their inlin
   robust accuracy (after each epoch), stage by stage on one step axis.
 * ``kappa_layers.png``: per-layer log10 condition number of the dense network before pruning
   and of the final (pruned) network.
-* :func:`kappa_per_method` (used by :mod:`experiments.compare`): log10 kappa against layer for
-  several runs.
+* :func:`kappa_per_method` (used by :mod:`experiments.reporting.compare`): log10 kappa against
+  layer for several runs.
+* :func:`figures` (the study's report): median log10 live kappa, ensemble robust accuracy and
+  the Lipschitz bound against target sparsity per method, and robust accuracy against kappa.
 """
 
 from __future__ import annotations
@@ -16,8 +18,13 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+from collections import defaultdict
 
+import matplotlib
 from matplotlib.figure import Figure
+
+from experiments.reporting.statistics import aggregate, correlations, settings
+from experiments.reporting.summaries import Record
 
 STAGE_COLORS = {"dense": "tab:blue", "prune": "tab:orange", "finetune": "tab:green"}
 
@@ -133,6 +140,75 @@ def run_plots(workdir: str | pathlib.Path, summary: dict) -> list[pathlib.Path]:
     if metrics.exists():
         out.append(accuracy_curves(read_metrics(metrics), workdir / "accuracy.png"))
     return out
+
+
+def _by_method(records: list[Record]) -> dict:
+    out = defaultdict(list)
+    for row in aggregate(records):
+        out[(row["model"], row["loss"], row["method"])].append(row)
+    return {k: sorted(v, key=lambda r: r["target"]) for k, v in out.items()}
+
+
+def _label(key) -> str:
+    model, loss, method = key
+    return method + ("" if (model, loss) == ("small_cnn", "trades") else f" ({model}, {loss})")
+
+
+def figures(records: list[Record], out: pathlib.Path) -> list[pathlib.Path]:
+    """Writes the study's figures into ``out``: ``kappa_vs_sparsity.png``,
+    ``robust_vs_sparsity.png`` and ``lipschitz_vs_sparsity.png`` (mean and spread over seeds per
+    method, one panel per model and loss) and ``robust_vs_kappa.png`` (every run)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    # One panel per model and loss, one colour per method throughout.
+    by_method = _by_method(records)
+    panels = sorted({key[:2] for key in by_method})
+    cmap = matplotlib.colormaps["tab20"]
+    colour = {m: cmap(i % 20) for i, m in enumerate(sorted({key[2] for key in by_method}))}
+    for fname, field, ylabel, scale in (
+            ("kappa_vs_sparsity.png", "log10_live_kappa", "median log10 live kappa", 1.0),
+            ("robust_vs_sparsity.png", "ensemble", "ensemble robust accuracy (%)", 100.0),
+            ("lipschitz_vs_sparsity.png", "log10_lipschitz_bound",
+             "log10 prod sigma_max (Lipschitz upper bound)", 1.0)):
+        fig = Figure(figsize=(5 * len(panels), 4.5))
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        for ax, panel in zip(axes, panels, strict=True):
+            for key, rows in by_method.items():
+                if key[:2] != panel:
+                    continue
+                x = [100 * r["target"] for r in rows]
+                y = [scale * r[field] for r in rows]
+                err = [0.0 if math.isnan(r[field + "_std"]) else scale * r[field + "_std"]
+                       for r in rows]
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=key[2],
+                            color=colour[key[2]])
+            ax.set_title(", ".join(panel), fontsize=9)
+            ax.set_xlabel("target sparsity (%)")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(_save(fig, out / fname))
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.add_subplot()
+    groups = defaultdict(list)
+    for r in records:
+        groups[r.group].append(r)
+    for key, rs in sorted(groups.items()):
+        ax.plot([r.log10_live_kappa for r in rs], [100 * r.ensemble for r in rs], "o",
+                label=_label(key))
+    # The correlation of the setting with the most runs (correlating across architectures and
+    # losses mixes unrelated scales).
+    setting, rs = max(settings(records) or [("every run", records)], key=lambda x: len(x[1]))
+    c = correlations(rs, "log10_live_kappa")
+    ax.set_title(f"{setting}: Pearson r = {c['pearson']:.2f}, Spearman rho = "
+                 f"{c['spearman']:.2f} ({c['n']} runs)", fontsize=9)
+    ax.set_xlabel("median log10 live kappa")
+    ax.set_ylabel("ensemble robust accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    paths.append(_save(fig, out / "robust_vs_kappa.png"))
+    return paths
 
 
 def _save(fig, out: str | pathlib.Path) -> pathlib.Path:
