@@ -13,7 +13,12 @@ from absl import app, flags
 from experiments.reporting.compare import compare
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "Directory for results.md and kappa_vs_layer.png.")
+
+
+def define_flags() -> None:
+    """Defines this program's flags; called when it runs as a program only, so that importing
+    the module (tests, other programs) never registers flags."""
+    flags.DEFINE_string("out", None, "Directory for results.md and kappa_vs_layer.png.")
 
 
 def main(argv):
@@ -23,4 +28,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

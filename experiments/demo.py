@@ -28,8 +28,13 @@ from experiments.reporting import compare
 tj.xla_cpu.set_fast_cpu_flags()  # see tscnc_jax/xla_cpu.py
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/demo", "Directory of the three runs and the comparison.")
-flags.DEFINE_bool("smoke", False, "Seconds-long version on synthetic data (tests).")
+
+
+def define_flags() -> None:
+    """Defines this program's flags; called when it runs as a program only, so that importing
+    the module (tests, other programs) never registers flags."""
+    flags.DEFINE_string("workdir", "runs/demo", "Directory of the three runs and the comparison.")
+    flags.DEFINE_bool("smoke", False, "Seconds-long version on synthetic data (tests).")
 
 
 def run(workdir: str | pathlib.Path, *, smoke: bool = False,
@@ -75,4 +80,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -61,9 +61,9 @@ log = py_logging.getLogger(__name__)
 FLAGS = flags.FLAGS
 
 
-def _define_flags() -> None:
-    # Defined when run as a program only: importing the module (tests) must not register flags
-    # that other entry points (experiments.main, demo, study) also define.
+def define_flags() -> None:
+    """Defines this program's flags; called when it runs as a program only, so that importing
+    the module (tests, other programs) never registers flags."""
     flags.DEFINE_string("workdir", None, "A finished run's directory (holds summary.json).")
     flags.DEFINE_integer("num", None, "Test images to evaluate (default: the run's num_test).")
     flags.DEFINE_integer("chunk", 500, "Images per resumable chunk.")
@@ -482,5 +482,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _define_flags()
+    define_flags()
     app.run(main)

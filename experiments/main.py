@@ -23,11 +23,16 @@ from experiments import evaluate, train
 tj.xla_cpu.set_fast_cpu_flags()
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config file (optionally :smoke).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
-flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def define_flags() -> None:
+    """Defines this program's flags; called when it runs as a program only, so that importing
+    the module (tests, other programs) never registers flags."""
+    config_flags.DEFINE_config_file("config", None, "Config file (optionally :smoke).",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+    flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+    flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
@@ -50,4 +55,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

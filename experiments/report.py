@@ -30,9 +30,9 @@ from experiments.reporting.write import BEGIN, END, report, splice_file
 FLAGS = flags.FLAGS
 
 
-def _define_flags() -> None:
-    # Defined when run as a program only: importing the module must not register flags that
-    # other entry points (experiments.compare, sweep) also define.
+def define_flags() -> None:
+    """Defines this program's flags; called when it runs as a program only, so that importing
+    the module (tests, other programs) never registers flags."""
     flags.DEFINE_string("summaries", None, "Directory holding <run>/summary.json.")
     flags.DEFINE_string("out", None, "Directory for study_tables.md and the figures.")
     flags.DEFINE_string(
@@ -57,5 +57,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _define_flags()
+    define_flags()
     app.run(main)

@@ -89,16 +89,15 @@ import re
 
 from absl import app, flags
 
+from experiments import sweep
+
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """The study's flags (also :mod:`experiments.dose`'s); call when run as a program only."""
-    # When run as a program only: --workdir, --variant, --summaries and --set come from
-    # experiments.sweep, whose import defines them; importing this module for its plan (tests)
-    # must not, since experiments.main and demo define --workdir too.
-    from experiments import sweep  # noqa: F401
-
+    """The study's flags (also :mod:`experiments.dose`'s): the sweep's (--workdir, --variant,
+    --set, --summaries) and its own; called when run as a program only."""
+    sweep.define_flags()
     flags.DEFINE_string("only", None, "Run only the planned runs whose name matches this regex.")
     flags.DEFINE_bool("list", False, "Print the plan (names, configs, overrides) and exit.")
     flags.DEFINE_bool("rerun_kept", False, "Also run the selected runs that have a summary in "
@@ -267,8 +266,6 @@ def main(argv, plan_fn=None):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     runs = select((plan_fn or plan)(), FLAGS.only)
-    from experiments import sweep
-
     if FLAGS.summaries and not FLAGS.rerun_kept:
         pending = without_kept(runs, {d.name for d in sweep.kept_runs(FLAGS.summaries)})
         skipped = [r.name for r in runs if r.name not in {p.name for p in pending}]

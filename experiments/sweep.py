@@ -31,10 +31,16 @@ from experiments import evaluate
 from experiments.reporting import compare
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", None, "Parent directory of the runs' workdirs.")
-flags.DEFINE_string("variant", "", "Config variant for every run (e.g. 'quick', 'cifar10').")
-flags.DEFINE_multi_string("set", [], "key=value config override for every run (repeatable).")
-flags.DEFINE_string("summaries", None, "Directory that keeps a copy of each finished summary.")
+
+
+def define_flags() -> None:
+    """Defines this program's flags; called when it runs as a program only, so that importing
+    the module (tests, other programs) never registers flags."""
+    flags.DEFINE_string("workdir", None, "Parent directory of the runs' workdirs.")
+    flags.DEFINE_string("variant", "", "Config variant for every run (e.g. 'quick', 'cifar10').")
+    flags.DEFINE_multi_string("set", [], "key=value config override for every run (repeatable).")
+    flags.DEFINE_string("summaries", None,
+                        "Directory that keeps a copy of each finished summary.")
 # (Not marked required: experiments.study shares these flags and has a mode without a workdir.)
 
 CONFIGS = pathlib.Path("experiments") / "configs"  # run from the repository root, as main is
@@ -113,4 +119,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

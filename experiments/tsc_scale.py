@@ -62,7 +62,13 @@ def main(argv):
         print(json.dumps(measure(float(weight), FLAGS.epochs, data)), flush=True)
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
+    """Defines this program's flags; called when it runs as a program only, so that importing
+    the module (tests, other programs) never registers flags."""
     flags.DEFINE_list("weights", ["0", "1e-5", "3e-5", "1e-4"], "TSC weights to measure.")
     flags.DEFINE_integer("epochs", 1, "Epochs of dense TRADES training per weight.")
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -19,11 +19,16 @@ from experiments.data.builders import load_dataset
 from experiments.data.sources import DATASETS, DatasetNotFoundError
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("data_dir", None, "tfds data directory for the prepared files (default "
-                    "$TSCNC_TFDS_DIR, else tfds' default).")
-flags.DEFINE_string("manual_dir", None, "Directory with the original files (or with a <name>/ "
-                    "subdirectory).")
-flags.DEFINE_bool("no_download", False, "Never download missing original files.")
+
+
+def define_flags() -> None:
+    """Defines this program's flags; called when it runs as a program only, so that importing
+    the module (tests, other programs) never registers flags."""
+    flags.DEFINE_string("data_dir", None, "tfds data directory for the prepared files (default "
+                        "$TSCNC_TFDS_DIR, else tfds' default).")
+    flags.DEFINE_string("manual_dir", None, "Directory with the original files (or with a "
+                        "<name>/ subdirectory).")
+    flags.DEFINE_bool("no_download", False, "Never download missing original files.")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -64,4 +69,5 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=parse_flags)
