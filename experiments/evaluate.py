@@ -361,12 +361,7 @@ def run(workdir: str | pathlib.Path, *, num: int | None = None, chunk: int = 500
         first: int = 0, last: int | None = None) -> dict | None:
     """Evaluates the missing chunks in ``[first, last)``; returns the totals once all exist."""
     workdir = pathlib.Path(workdir)
-    summary_path = workdir / "summary.json"
-    if not summary_path.exists():
-        raise FileNotFoundError(f"{summary_path} does not exist: --workdir must be a finished run "
-                                f"(python -m experiments.main ... --workdir={workdir}).")
-    summary = json.loads(summary_path.read_text())
-    config = base.from_summary(summary["config"])
+    summary, config = _kept_summary(workdir)
     num_test = int(summary["num_test"])
     num = num_test if num is None else num
     if not 0 < num <= num_test:
@@ -409,13 +404,19 @@ def run(workdir: str | pathlib.Path, *, num: int | None = None, chunk: int = 500
     return totals
 
 
-def _finished_run(workdir: pathlib.Path):
+def _kept_summary(workdir: pathlib.Path):
+    """A finished run's summary and its config (old configs migrated)."""
     summary_path = workdir / "summary.json"
     if not summary_path.exists():
         raise FileNotFoundError(f"{summary_path} does not exist: --workdir must be a finished run "
                                 f"(python -m experiments.main ... --workdir={workdir}).")
     summary = json.loads(summary_path.read_text())
-    config = base.from_summary(summary["config"])
+    return summary, base.from_summary(summary["config"])
+
+
+def _finished_run(workdir: pathlib.Path):
+    """A finished run's summary, config and restored state, checked to be the summarised one."""
+    summary, config = _kept_summary(workdir)
     trained = train.restore(config, workdir)
     if int(trained.state.step) != int(summary["evaluated_step"]):
         raise ValueError(f"{workdir}'s checkpoint is at step {int(trained.state.step)}, its "
