@@ -5,7 +5,7 @@
 
 Images per second of PGD-20, APGD-CE (100 iterations) and the "fast" and "standard" AutoAttack
 ensembles (:func:`tscnc_jax.attacks.auto_attack`, jitted, fixed batch), on
-:class:`tscnc_jax.models.SmallCNN` briefly trained (``--train-steps`` Adam steps) on synthetic
+:class:`tscnc_jax.models.SmallCNN` briefly trained (``--train_steps`` Adam steps) on synthetic
 28x28 data. Median over ``--repeats`` runs after ahead-of-time compilation.
 
 An ensemble's cost depends on how many examples survive each attack (an attack is skipped when
@@ -18,9 +18,7 @@ ensemble's worst case (about 3 minutes at batch 128 on 2 cores).
 
 from __future__ import annotations
 
-import argparse
 import functools
-import pathlib
 import statistics
 import time
 
@@ -28,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
 
 from benchmarks import common
 from tscnc_jax import attacks
@@ -41,6 +40,8 @@ WORKLOADS = (
     "standard",
     "standard_worst",
 )
+
+FLAGS = flags.FLAGS
 
 
 def synthetic_28x28(key: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
@@ -180,33 +181,37 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="batch 32, 1 repeat, no std. worst")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--batch", type=int, default=None)
-    parser.add_argument("--eps", type=float, default=0.1)
-    parser.add_argument("--train-steps", type=int, default=100)
-    parser.add_argument("--only", type=str, default=None, help=f"comma list of {WORKLOADS}")
-    parser.add_argument(
-        "--out", type=pathlib.Path, default=None, help="write markdown here (and JSON next to it)"
-    )
-    args = parser.parse_args()
-    repeats = args.repeats if args.repeats is not None else (1 if args.quick else 3)
-    batch = args.batch if args.batch is not None else (32 if args.quick else 128)
-    if repeats < 1 or batch < 1 or args.train_steps < 0 or args.eps < 0:
-        parser.error("--repeats and --batch must be >= 1, --train-steps and --eps >= 0")
-    if args.only is None:
-        only = [w for w in WORKLOADS if not (args.quick and w == "standard_worst")]
+def define_flags() -> None:
+    """This entry point's flags, defined when it runs as a program only: importing the module
+    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    flags.DEFINE_bool("quick", False, "batch 32, 1 repeat, no std. worst")
+    flags.DEFINE_integer("repeats", None, None)
+    flags.DEFINE_integer("batch", None, None)
+    flags.DEFINE_float("eps", 0.1, None)
+    flags.DEFINE_integer("train_steps", 100, None)
+    flags.DEFINE_string("only", None, f"comma list of {WORKLOADS}")
+    flags.DEFINE_string("out", None, "write markdown here (and JSON next to it)")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    repeats = FLAGS.repeats if FLAGS.repeats is not None else (1 if FLAGS.quick else 3)
+    batch = FLAGS.batch if FLAGS.batch is not None else (32 if FLAGS.quick else 128)
+    if repeats < 1 or batch < 1 or FLAGS.train_steps < 0 or FLAGS.eps < 0:
+        raise app.UsageError("--repeats and --batch must be >= 1, --train_steps and --eps >= 0")
+    if FLAGS.only is None:
+        only = [w for w in WORKLOADS if not (FLAGS.quick and w == "standard_worst")]
     else:
-        only = [w.strip() for w in args.only.split(",") if w.strip()]
+        only = [w.strip() for w in FLAGS.only.split(",") if w.strip()]
         unknown = sorted(set(only) - set(WORKLOADS))
         if unknown:
-            parser.error(f"unknown workloads {unknown}; choose from {WORKLOADS}")
-    results = run(args.quick, repeats, batch, args.eps, only, args.train_steps)
+            raise app.UsageError(f"unknown workloads {unknown}; choose from {WORKLOADS}")
+    results = run(FLAGS.quick, repeats, batch, FLAGS.eps, only, FLAGS.train_steps)
     text = to_markdown(results)
-    common.report(text, results, args.out)
+    common.report(text, results, FLAGS.out)
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -11,20 +11,21 @@ the attack loop knows which lowering to attack.
 
 from __future__ import annotations
 
-import argparse
 import os
-import pathlib
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from absl import app, flags
 
 import tscnc_jax as tj
 from benchmarks import common
 from tscnc_jax import models
 
 WHOLE = {"small_cnn": ({}, (28, 28, 1)), "vgg": ({"depth": 16}, (32, 32, 3))}
+
+FLAGS = flags.FLAGS
 
 
 def _three(apply, variables, x, repeats: int, loss=lambda out: jnp.sum(jnp.square(out))) -> dict:
@@ -79,18 +80,24 @@ def to_markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--out", type=pathlib.Path, default=None)
-    args = parser.parse_args()
-    r = {"machine": common.machine_info(), "batch": args.batch, "repeats": args.repeats,
-         "whole": {name: whole_model(name, args.batch, max(1, args.repeats // 3) if name == "vgg"
-                                     else args.repeats) for name in WHOLE},
-         "layers": small_cnn_layers(args.batch, args.repeats)}
-    common.report(to_markdown(r), r, args.out)
+def define_flags() -> None:
+    """This entry point's flags, defined when it runs as a program only: importing the module
+    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    flags.DEFINE_integer("repeats", 10, None)
+    flags.DEFINE_integer("batch", 128, None)
+    flags.DEFINE_string("out", None, None)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    r = {"machine": common.machine_info(), "batch": FLAGS.batch, "repeats": FLAGS.repeats,
+         "whole": {name: whole_model(name, FLAGS.batch, max(1, FLAGS.repeats // 3)
+                                     if name == "vgg" else FLAGS.repeats) for name in WHOLE},
+         "layers": small_cnn_layers(FLAGS.batch, FLAGS.repeats)}
+    common.report(to_markdown(r), r, FLAGS.out)
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -25,13 +25,13 @@ the kernels up to 1152x128, the small CNN and 3 repeats.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 import tscnc_jax as tj
 from benchmarks import common
@@ -44,7 +44,7 @@ MODELS = {
     "vgg16_cifar": (lambda: tj.create_model("vgg", depth=16), (32, 32, 3)),
 }
 
-
+FLAGS = flags.FLAGS
 
 
 def _tracked_step(params, vectors):
@@ -171,31 +171,34 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="kernels up to 1152x128, small CNN only, 3 repeats")
-    parser.add_argument("--repeats", type=int, default=None, help="default 10 (3 with --quick)")
-    parser.add_argument("--ks", default="1,4,16,64", help="block sizes k to time")
-    parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help="markdown output (JSON next to it); default "
-                             "benchmarks/results/cnc_estimator[_quick].md")
-    args = parser.parse_args()
-    repeats = args.repeats if args.repeats is not None else (3 if args.quick else 10)
+def define_flags() -> None:
+    """This entry point's flags, defined when it runs as a program only: importing the module
+    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    flags.DEFINE_bool("quick", False, "kernels up to 1152x128, small CNN only, 3 repeats")
+    flags.DEFINE_integer("repeats", None, "default 10 (3 with --quick)")
+    flags.DEFINE_string("ks", "1,4,16,64", "block sizes k to time")
+    flags.DEFINE_string("out", None, "markdown output (JSON next to it); default "
+                        "benchmarks/results/cnc_estimator[_quick].md")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    repeats = FLAGS.repeats if FLAGS.repeats is not None else (3 if FLAGS.quick else 10)
     if repeats < 1:
-        parser.error("--repeats must be >= 1")
+        raise app.UsageError("--repeats must be >= 1")
     try:
-        ks = [int(k) for k in args.ks.split(",")]
+        ks = [int(k) for k in FLAGS.ks.split(",")]
     except ValueError:
-        parser.error(f"--ks must be comma-separated integers, got {args.ks!r}")
+        raise app.UsageError(f"--ks must be comma-separated integers, got {FLAGS.ks!r}") from None
     if not ks or min(ks) < 1:
-        parser.error("--ks must be positive integers")
-    out = args.out
+        raise app.UsageError("--ks must be positive integers")
+    out = FLAGS.out
     if out is None:
-        name = "cnc_estimator_quick.md" if args.quick else "cnc_estimator.md"
+        name = "cnc_estimator_quick.md" if FLAGS.quick else "cnc_estimator.md"
         out = pathlib.Path(__file__).with_name("results") / name
-    matrices = [mn for mn in MATRICES if not args.quick or mn[0] * mn[1] <= 1152 * 128]
-    models = ["small_cnn"] if args.quick else list(MODELS)
+    matrices = [mn for mn in MATRICES if not FLAGS.quick or mn[0] * mn[1] <= 1152 * 128]
+    models = ["small_cnn"] if FLAGS.quick else list(MODELS)
     print("kernels:", flush=True)
     kernels = bench_kernels(matrices, ks, repeats)
     print("models:", flush=True)
@@ -205,4 +208,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

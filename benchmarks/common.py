@@ -24,10 +24,11 @@ def median_ms(fn, *args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def report(text: str, results: Any, out: pathlib.Path | None) -> None:
+def report(text: str, results: Any, out: str | pathlib.Path | None) -> None:
     """Prints ``text``; with ``out``, writes it there and ``results`` as JSON next to it."""
     print(text)
     if out is not None:
+        out = pathlib.Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
         out.with_suffix(".json").write_text(json.dumps(results, indent=2))

@@ -14,11 +14,11 @@ forward + input gradient; only the final backward computes weight gradients.
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import jax
 import numpy as np
+from absl import app, flags
 
 from benchmarks import torch_twin
 from tscnc_jax import models
@@ -31,6 +31,8 @@ RESNET18_CONVS = (
     (4, 512, 512, 3, 1, 3),
 )
 PASSES = ("forward", "input_grad", "weight_grad")
+
+FLAGS = flags.FLAGS
 
 
 def _ours(x, w, g, stride):
@@ -114,24 +116,30 @@ def to_markdown(r: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args()
-    if args.batch < 1 or args.repeats < 1:
-        parser.error("--batch and --repeats must be >= 1")
+def define_flags() -> None:
+    """This entry point's flags, defined when it runs as a program only: importing the module
+    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    flags.DEFINE_integer("batch", 128, None)
+    flags.DEFINE_integer("repeats", 7, None)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.batch < 1 or FLAGS.repeats < 1:
+        raise app.UsageError("--batch and --repeats must be >= 1")
     try:
         import torch
     except ImportError as e:
         raise SystemExit("PyTorch is a benchmark-only dependency: pip install torch==2.13.0") from e
     lines = ["# Convolution passes: ours vs PyTorch", "",
              f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} "
-             f"threads), {os.cpu_count()} cores; batch {args.batch}; median of {args.repeats} "
+             f"threads), {os.cpu_count()} cores; batch {FLAGS.batch}; median of {FLAGS.repeats} "
              "interleaved calls; ratio ours / PyTorch in brackets.", ""]
-    lines += to_markdown(compare(args.batch, args.repeats))
+    lines += to_markdown(compare(FLAGS.batch, FLAGS.repeats))
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -10,16 +10,16 @@ compilation; all numbers come from one run on one machine.
 
 from __future__ import annotations
 
-import argparse
-import pathlib
-
 import jax
 import numpy as np
+from absl import app, flags
 
 import tscnc_jax as tj
 from benchmarks import common
 
 VGG16_CHANNELS = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+
+FLAGS = flags.FLAGS
 
 
 def small_cnn_shapes() -> dict[str, tuple[int, ...]]:
@@ -109,19 +109,24 @@ def to_markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="skip the per-layer breakdown")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help="write markdown here (and JSON next to it)")
-    args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error("--repeats must be >= 1")
-    results = run(args.quick, args.repeats)
+def define_flags() -> None:
+    """This entry point's flags, defined when it runs as a program only: importing the module
+    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    flags.DEFINE_bool("quick", False, "skip the per-layer breakdown")
+    flags.DEFINE_integer("repeats", 10, None)
+    flags.DEFINE_string("out", None, "write markdown here (and JSON next to it)")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if FLAGS.repeats < 1:
+        raise app.UsageError("--repeats must be >= 1")
+    results = run(FLAGS.quick, FLAGS.repeats)
     text = to_markdown(results)
-    common.report(text, results, args.out)
+    common.report(text, results, FLAGS.out)
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -15,7 +15,6 @@ bound of where the time goes, not a partition of the wall time.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -26,10 +25,13 @@ import time
 
 import jax
 import numpy as np
+from absl import app, flags
 
 from benchmarks import torch_twin, train_step
 
 _HLO_OP = re.compile(r"^\s*%?([\w.\-]+) = \S+ (convolution|fusion|copy)\((.*)$", re.M)
+
+FLAGS = flags.FLAGS
 
 
 def _kinds(hlo: str) -> dict[str, str]:
@@ -94,14 +96,20 @@ def to_markdown(r: dict, top: int = 8) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="resnet18", choices=sorted(train_step.MODELS))
-    parser.add_argument("--loss", default="trades", choices=("clean", "pgd_at", "trades"))
-    parser.add_argument("--top", type=int, default=4)
-    args = parser.parse_args()
-    print("\n".join(to_markdown(profile(args.model, args.loss), args.top)))
+def define_flags() -> None:
+    """This entry point's flags, defined when it runs as a program only: importing the module
+    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    flags.DEFINE_enum("model", "resnet18", sorted(train_step.MODELS), None)
+    flags.DEFINE_enum("loss", "trades", ("clean", "pgd_at", "trades"), None)
+    flags.DEFINE_integer("top", 4, None)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    print("\n".join(to_markdown(profile(FLAGS.model, FLAGS.loss), FLAGS.top)))
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

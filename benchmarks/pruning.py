@@ -19,7 +19,6 @@ the number of timed repetitions). Prints two markdown tables.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import time
 
@@ -28,12 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
 
 from tscnc_jax import pruning
 from tscnc_jax.pruning.schedules import OneShotSchedule, PolynomialSchedule
 
 VGG16_CHANNELS = [3, 64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
 VGG16_DENSE = [(512, 512), (512, 512), (512, 10)]
+
+FLAGS = flags.FLAGS
 
 
 def vgg16_kernels(seed: int = 0) -> dict:
@@ -204,15 +206,21 @@ def bench_wrapper(rounds: int) -> list[str]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per mask method")
-    parser.add_argument("--rounds", type=int, default=30, help="interleaved rounds (CNN step)")
-    args = parser.parse_args()
-    print("\n".join(bench_masks(args.repeats)))
+def define_flags() -> None:
+    """This entry point's flags, defined when it runs as a program only: importing the module
+    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    flags.DEFINE_integer("repeats", 5, "timed calls per mask method")
+    flags.DEFINE_integer("rounds", 30, "interleaved rounds (CNN step)")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    print("\n".join(bench_masks(FLAGS.repeats)))
     print()
-    print("\n".join(bench_wrapper(args.rounds)))
+    print("\n".join(bench_wrapper(FLAGS.rounds)))
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -49,12 +49,11 @@ import os
 # environment setting wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-import argparse
 import functools
-import pathlib
 
 import jax
 import jax.numpy as jnp
+from absl import app, flags
 
 import tscnc_jax as tj
 from benchmarks import attacks as attack_bench
@@ -71,6 +70,8 @@ from tscnc_jax import spectral_tracking as st
 LOSSES = [("clean", False), ("pgd_at", False), ("trades", False), ("trades", True)]
 # Forward-pass equivalents per step (see the module docstring).
 FORWARDS = {"clean": 3, "pgd_at": 10 * 2 + 3 + 1, "trades": 1 + 10 * 2 + 2 * 3}
+
+FLAGS = flags.FLAGS
 
 
 def _median_s(fn, *args, repeats: int) -> float:
@@ -243,19 +244,23 @@ def to_markdown(r: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smoke sizes (about a minute)")
-    parser.add_argument("--repeats", type=int, default=None, help="default 5 (1 with --quick)")
-    parser.add_argument("--batch", type=int, default=None, help="default 128 (16 with --quick)")
-    parser.add_argument("--out", type=pathlib.Path, default=None,
-                        help="write the markdown here and its JSON twin next to it")
-    args = parser.parse_args()
-    quick = args.quick
-    repeats = args.repeats or (1 if quick else 5)
-    batch = args.batch or (16 if quick else 128)
+def define_flags() -> None:
+    """This entry point's flags, defined when it runs as a program only: importing the module
+    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    flags.DEFINE_bool("quick", False, "smoke sizes (about a minute)")
+    flags.DEFINE_integer("repeats", None, "default 5 (1 with --quick)")
+    flags.DEFINE_integer("batch", None, "default 128 (16 with --quick)")
+    flags.DEFINE_string("out", None, "write the markdown here and its JSON twin next to it")
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    quick = FLAGS.quick
+    repeats = FLAGS.repeats or (1 if quick else 5)
+    batch = FLAGS.batch or (16 if quick else 128)
     if repeats < 1 or batch < 1:
-        parser.error("--repeats and --batch must be >= 1")
+        raise app.UsageError("--repeats and --batch must be >= 1")
     models = ["small_cnn"] if quick else ["small_cnn", "vgg16", "resnet18"]
     r = {"machine": common.machine_info(), "quick": quick, "batch": batch, "repeats": repeats}
     r["peak"] = peak(1024 if quick else 4096, repeats if quick else 10)
@@ -269,8 +274,9 @@ def main() -> None:
     matrices = cnc_estimator.MATRICES[:2] if quick else cnc_estimator.MATRICES
     r["kernels"] = cnc_estimator.bench_kernels(matrices, [16], repeats)
     r["batches"] = batch_scaling([8, 16] if quick else [32, 64, 128, 256], repeats)
-    common.report(to_markdown(r), r, args.out)
+    common.report(to_markdown(r), r, FLAGS.out)
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

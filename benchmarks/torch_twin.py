@@ -22,7 +22,6 @@ alternating order, in this one process; medians after two warm-up steps.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
@@ -30,6 +29,7 @@ from collections import OrderedDict
 
 import jax
 import numpy as np
+from absl import app, flags
 
 from benchmarks import train_step
 from tscnc_jax import models as jax_models
@@ -37,6 +37,8 @@ from tscnc_jax import training
 
 STEPS = 10
 MODELS = ("small_cnn", "vgg16", "resnet18")
+
+FLAGS = flags.FLAGS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -320,27 +322,33 @@ def to_markdown(rows: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=128)
-    args = parser.parse_args()
+def define_flags() -> None:
+    """This entry point's flags, defined when it runs as a program only: importing the module
+    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    flags.DEFINE_string("models", ",".join(MODELS), None)
+    flags.DEFINE_integer("repeats", 5, None)
+    flags.DEFINE_integer("batch", 128, None)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
         import torch
     except ImportError as e:
         raise SystemExit("PyTorch is a benchmark-only dependency: pip install torch==2.13.0") from e
-    names = [m for m in args.models.split(",") if m]
+    names = [m for m in FLAGS.models.split(",") if m]
     unknown = sorted(set(names) - set(MODELS))
     if unknown:
-        parser.error(f"--models: no twin for {unknown}; choose from {MODELS}")
+        raise app.UsageError(f"--models: no twin for {unknown}; choose from {MODELS}")
     lines = ["# Training step: JAX vs PyTorch", "",
              f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} "
-             f"threads), {os.cpu_count()} cores; batch {args.batch}; median of {args.repeats} "
+             f"threads), {os.cpu_count()} cores; batch {FLAGS.batch}; median of {FLAGS.repeats} "
              "interleaved steps.", ""]
-    lines += to_markdown(compare(args.batch, args.repeats, names))
+    lines += to_markdown(compare(FLAGS.batch, FLAGS.repeats, names))
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

@@ -18,18 +18,20 @@ draws, so they need not agree exactly).
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 
 from benchmarks import attacks as attack_bench
 from benchmarks import torch_twin
 from tscnc_jax import attacks
 
 FAST = attacks.AUTOATTACK_FAST
+
+FLAGS = flags.FLAGS
 
 
 def _torchattacks_ensemble(twin, eps: float):
@@ -189,12 +191,17 @@ def to_markdown(r: dict) -> list[str]:
     return lines
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--eps", type=float, default=0.1)
-    args = parser.parse_args()
+def define_flags() -> None:
+    """This entry point's flags, defined when it runs as a program only: importing the module
+    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    flags.DEFINE_integer("repeats", 3, None)
+    flags.DEFINE_integer("batch", 128, None)
+    flags.DEFINE_float("eps", 0.1, None)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
         import torch
         import torchattacks
@@ -204,10 +211,11 @@ def main() -> None:
     lines = ["# AutoAttack (fast settings): ours vs torchattacks", "",
              f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} "
              f"threads), torchattacks {torchattacks.__version__}, {os.cpu_count()} cores; batch "
-             f"{args.batch}; median of {args.repeats} interleaved runs.", ""]
-    lines += to_markdown(compare(args.batch, args.repeats, args.eps))
+             f"{FLAGS.batch}; median of {FLAGS.repeats} interleaved runs.", ""]
+    lines += to_markdown(compare(FLAGS.batch, FLAGS.repeats, FLAGS.eps))
     print("\n".join(lines))
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)

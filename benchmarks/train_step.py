@@ -12,14 +12,13 @@ numbers measure compute only (28x28x1 for the small CNN, 32x32x3 for VGG-16 and 
 
 from __future__ import annotations
 
-import argparse
 import os
-import pathlib
 import statistics
 import time
 
 import jax
 import numpy as np
+from absl import app, flags
 
 import tscnc_jax as tj
 from benchmarks import common
@@ -32,6 +31,8 @@ MODELS = {
 }
 EPS = {"small_cnn": 0.1, "vgg16": 8 / 255, "resnet18": 8 / 255}
 ROWS = [("clean", False), ("pgd_at", False), ("trades", False), ("trades", True)]
+
+FLAGS = flags.FLAGS
 
 
 def _time_step(model_name: str, loss: str, tscnc: bool, batch: int, repeats: int) -> dict:
@@ -66,25 +67,30 @@ def _time_step(model_name: str, loss: str, tscnc: bool, batch: int, repeats: int
             "times_s": times}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small CNN only, 2 repeats")
-    parser.add_argument("--models", default="small_cnn,vgg16,resnet18")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--out", type=pathlib.Path, default=None)
-    args = parser.parse_args()
-    models = ["small_cnn"] if args.quick else args.models.split(",")
+def define_flags() -> None:
+    """This entry point's flags, defined when it runs as a program only: importing the module
+    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    flags.DEFINE_bool("quick", False, "small CNN only, 2 repeats")
+    flags.DEFINE_string("models", "small_cnn,vgg16,resnet18", None)
+    flags.DEFINE_integer("repeats", 5, None)
+    flags.DEFINE_integer("batch", 128, None)
+    flags.DEFINE_string("out", None, None)
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    models = ["small_cnn"] if FLAGS.quick else FLAGS.models.split(",")
     unknown = set(models) - set(MODELS)
     if unknown:
-        parser.error(f"unknown model(s) {sorted(unknown)}; choose from {sorted(MODELS)}")
-    repeats = 2 if args.quick else args.repeats
+        raise app.UsageError(f"unknown model(s) {sorted(unknown)}; choose from {sorted(MODELS)}")
+    repeats = 2 if FLAGS.quick else FLAGS.repeats
     if repeats < 1:
-        parser.error("--repeats must be >= 1")
+        raise app.UsageError("--repeats must be >= 1")
     results = []
     for model_name in models:
         for loss, tscnc in ROWS:
-            r = _time_step(model_name, loss, tscnc, args.batch, repeats)
+            r = _time_step(model_name, loss, tscnc, FLAGS.batch, repeats)
             results.append(r)
             print(f"{model_name:10s} {loss:7s} tscnc={tscnc!s:5s} {r['median_s'] * 1e3:9.1f} ms "
                   f"{r['images_per_s']:8.1f} img/s (first call {r['first_call_s']:.1f} s)",
@@ -93,7 +99,7 @@ def main() -> None:
         "# Training-step throughput",
         "",
         f"jax {jax.__version__}, {jax.default_backend()}, {os.cpu_count()} cores; batch "
-        f"{args.batch}; median of {repeats} steps after the first (compiling) call; float32.",
+        f"{FLAGS.batch}; median of {repeats} steps after the first (compiling) call; float32.",
         "",
         "| model | loss | TSCNC | ms / step | images / s | TSCNC overhead |",
         "|---|---|---|---:|---:|---:|",
@@ -107,8 +113,9 @@ def main() -> None:
                      f"{'yes' if r['tscnc'] else 'no'} | {r['median_s'] * 1e3:.1f} | "
                      f"{r['images_per_s']:.1f} | {overhead} |")
     text = "\n".join(lines) + "\n"
-    common.report(text, results, args.out)
+    common.report(text, results, FLAGS.out)
 
 
 if __name__ == "__main__":
-    main()
+    define_flags()
+    app.run(main)
