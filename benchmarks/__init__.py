@@ -7,4 +7,4 @@ runs, so that the benchmarks measure what users get.
 
 import tscnc_jax as _tj
 
-_tj.set_fast_cpu_flags()
+_tj.xla_cpu.set_fast_cpu_flags()
