@@ -2,17 +2,27 @@
 
 Layout: ``<dir>/<step>/`` written by ``orbax.checkpoint.CheckpointManager`` (it writes to a
 temporary directory and renames it when complete, so a killed process never leaves a checkpoint
-that looks finished). :func:`restore_latest` falls back loudly to the previous good checkpoint if
-the latest cannot be read, and never silently starts from scratch.
+that looks finished), and ``<dir>/<step>.sha256.json``: the SHA-256 of every saved array (its
+dtype, shape and bytes), written atomically after the checkpoint and checked on restore.
+
+:func:`restore_latest` treats a checkpoint that cannot be read, or whose arrays do not match
+their recorded digests (a flipped bit restores without error otherwise), as damaged: it moves
+it aside to ``<dir>/<step>.corrupt-<time>`` (kept for inspection; never read again), says so,
+and falls back to the previous one; it never silently starts from scratch. A checkpoint saved
+before digests were recorded restores unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import pathlib
+import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from tscnc_jax.training import TrainState
@@ -37,17 +47,83 @@ def _from_saveable(d: dict) -> TrainState:
     return TrainState(**d)
 
 
+def digests(tree) -> dict[str, str]:
+    """``{path: sha256(dtype, shape, bytes)}`` of every array of ``tree`` (fetched to the host)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        a = np.ascontiguousarray(jax.device_get(leaf))
+        h = hashlib.sha256(f"{a.dtype.str}{list(a.shape)}".encode())
+        h.update(a.tobytes())
+        out[_path_name(path)] = h.hexdigest()
+    return out
+
+
+def _path_name(path) -> str:
+    """``a/b/0/count``: a path that does not depend on the containers (a tuple restored as a
+    list, a named tuple as a dict), so a restore with or without a target names leaves alike."""
+    parts = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+    return "/".join(parts)
+
+
+def _digest_file(mgr: ocp.CheckpointManager, step: int) -> pathlib.Path:
+    return pathlib.Path(mgr.directory) / f"{int(step)}.sha256.json"
+
+
+def _verify(mgr: ocp.CheckpointManager, step: int, restored: dict) -> None:
+    """Raises ``ValueError`` naming the arrays whose digests differ from those recorded."""
+    path = _digest_file(mgr, step)
+    if not path.exists():
+        log.info("Checkpoint %s/%s has no recorded digests (saved by an older version); "
+                 "restored unverified.", mgr.directory, step)
+        return
+    recorded = json.loads(path.read_text())
+    got = digests(restored)
+    bad = sorted(k for k in recorded if got.get(k) != recorded[k])
+    if bad or set(got) != set(recorded):
+        raise ValueError(f"integrity check failed: {len(bad)} array(s) differ from their recorded "
+                         f"SHA-256 ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})")
+
+
+def _move_aside(mgr: ocp.CheckpointManager, step: int) -> pathlib.Path:
+    """Renames a damaged checkpoint (and its digests) out of the manager's view."""
+    directory = pathlib.Path(mgr.directory)
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    dest = directory / f"{int(step)}.corrupt-{stamp}"
+    (directory / str(int(step))).rename(dest)
+    if _digest_file(mgr, step).exists():
+        _digest_file(mgr, step).rename(dest.with_name(dest.name + ".sha256.json"))
+    mgr.reload()
+    return dest
+
+
 def manager(directory: str | pathlib.Path, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
     """A ``CheckpointManager`` keeping the ``max_to_keep`` most recent steps."""
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
     return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
 
 
-def save(mgr: ocp.CheckpointManager, step: int, state: TrainState, *, wait: bool = True) -> None:
-    """Saves ``state`` as checkpoint ``step`` (atomically); waits for completion by default."""
-    mgr.save(int(step), args=ocp.args.StandardSave(_to_saveable(state)), force=True)
-    if wait:
-        mgr.wait_until_finished()
+def save(mgr: ocp.CheckpointManager, step: int, state: TrainState) -> None:
+    """Saves ``state`` as checkpoint ``step`` (atomically) with its digests; waits for
+    completion."""
+    saveable = _to_saveable(state)
+    if int(step) in mgr.all_steps():  # a replayed step (after a kill): the same state again
+        mgr.delete(int(step))
+    mgr.save(int(step), args=ocp.args.StandardSave(saveable), force=True)
+    mgr.wait_until_finished()
+    # After the checkpoint is complete: a crash in between leaves a valid checkpoint without
+    # digests, which restores unverified (never a digest file of a half-written checkpoint).
+    tmp = _digest_file(mgr, step).with_suffix(".tmp")
+    tmp.write_text(json.dumps(digests(saveable)))
+    tmp.replace(_digest_file(mgr, step))
+    kept = {int(s) for s in mgr.all_steps()}
+    for f in pathlib.Path(mgr.directory).glob("*.sha256.json"):  # of checkpoints orbax deleted
+        if f.name.split(".")[0].isdigit() and int(f.name.split(".")[0]) not in kept:
+            f.unlink()
 
 
 def _with_template_optimizer(saved: dict, template: dict) -> dict:
@@ -72,8 +148,9 @@ def restore_latest(mgr: ocp.CheckpointManager, template: TrainState, *,
     """Restores the newest readable checkpoint into ``template``'s structure.
 
     Returns ``None`` when the directory has no checkpoint. If the newest is unreadable
-    (truncated, corrupted), logs a warning naming it and tries the previous one; raises
-    :class:`CheckpointError` when none can be read.
+    (truncated, corrupted) or fails its integrity check, it is moved aside (module docstring)
+    with a warning naming it, and the previous one is tried; raises :class:`CheckpointError`
+    when none can be read (all of them moved aside).
 
     With ``optimizer=False`` the saved optimizer state is not used and ``template``'s is kept:
     for loading a finished stage as the start of another (a dense model pruned by a method
@@ -90,10 +167,12 @@ def restore_latest(mgr: ocp.CheckpointManager, template: TrainState, *,
         try:
             restored = mgr.restore(step, args=ocp.args.StandardRestore(
                 abstract if optimizer else None))
+            _verify(mgr, step, restored)
         except Exception as e:  # any read failure means: try the previous one
-            errors.append(f"step {step}: {type(e).__name__}: {e}")
-            log.warning("Checkpoint %s/%s is unreadable (%s); trying the previous one.",
-                        mgr.directory, step, e)
+            dest = _move_aside(mgr, step)
+            errors.append(f"step {step}: {type(e).__name__}: {e} (moved to {dest.name})")
+            log.warning("Checkpoint %s/%s is unreadable (%s); moved aside to %s, trying the "
+                        "previous one.", mgr.directory, step, e, dest)
             continue
         if not optimizer:  # a mismatch is not damage: an older checkpoint would not match either
             try:
@@ -106,5 +185,5 @@ def restore_latest(mgr: ocp.CheckpointManager, template: TrainState, *,
         return _from_saveable(restored)
     raise CheckpointError(
         f"None of the checkpoints in {mgr.directory} could be restored:\n  " + "\n  ".join(errors)
-        + "\nDelete the directory to start this stage from scratch."
+        + f"\nThey were moved aside in {mgr.directory}; rerun to start this stage from scratch."
     )

@@ -305,9 +305,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
     With ``config.eval.final=False`` it only trains: no test-set evaluation, no ``summary.json``,
     and the returned dict holds just ``config``, ``stages`` and ``trained_step``.
+
+    The process holds ``workdir``'s lock throughout (``workdir.exclusive``: a second process on
+    the same directory fails at once), and ``workdir/config.json`` records the config of the
+    first start: a resume whose training keys differ raises ``workdir.ConfigMismatchError``
+    naming them (``workdir.RESUMABLE_KEYS`` may change).
     """
-    t0 = time.time()
     workdir = pathlib.Path(workdir)
+    with workdir_lib.exclusive(workdir):
+        train.validate(config)  # before the config is recorded: a bad one is never kept
+        workdir_lib.check_config(workdir, config.to_dict())
+        return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
+    t0 = time.time()
     trained = train.train(config, workdir)
     stages, step = config.stages, int(trained.state.step)
     if not config.eval.final:

@@ -117,7 +117,8 @@ def split_stages(stages) -> tuple[str, ...]:
     return tuple(name.strip() for item in stages for name in str(item).split(",") if name.strip())
 
 
-def _validate(config) -> None:
+def validate(config) -> None:
+    """Raises ``ValueError`` naming the first bad key of ``config`` (before any data loads)."""
     if not config.stages:
         raise ValueError(f"config.stages is empty; choose consecutive stages of {STAGES}.")
     unknown = [s for s in config.stages if s not in STAGES]
@@ -130,8 +131,7 @@ def _validate(config) -> None:
         raise ValueError(f"config.prune.method must be 'hydra', 'lwm', 'global' or 'random', got "
                          f"{config.prune.method!r}.")
     tj.pruning.check_sparsity(config.prune.sparsity, "config.prune.sparsity")
-    if config.batch_size < 1:
-        raise ValueError(f"config.batch_size must be >= 1, got {config.batch_size}.")
+    _validate_counts(config)
     order = [s for s in STAGES if s in config.stages]
     if list(config.stages) != order or STAGES[STAGES.index(order[0]):][:len(order)] != tuple(
             order):
@@ -151,6 +151,32 @@ def _validate(config) -> None:
         raise ValueError(f"config.eval.num_standard={config.eval.num_standard} needs "
                          f"config.eval.attacks='fast' (got {config.eval.attacks!r}) and must be "
                          f">= 0: it adds the standard ensemble on a subset to the fast one.")
+
+
+def _validate_counts(config) -> None:
+    """Every count and size the stages of ``config.stages`` use, before any data is loaded."""
+    runs = set(config.stages)
+    at_least = {"batch_size": 1, "log_every": 1, "eval.num_val": 1, "eval.pgd_steps": 1,
+                "eval.num_standard": 0, "eval.num_lipschitz": 0, "data.num_val": 1,
+                "data.num_train": 0}
+    if "dense" in runs:
+        at_least["dense.epochs"] = 1
+    if "prune" in runs and config.prune.method == "hydra":
+        at_least["prune.epochs"] = 1
+    if "finetune" in runs:
+        at_least["finetune.epochs"] = 1
+    if config.loss != "clean":
+        at_least["attack_steps"] = 1
+    if config.eval.final:
+        at_least["eval.num_test"] = 1
+        if config.eval.num_lipschitz:
+            at_least["eval.lipschitz_steps"] = 1
+    for key, low in at_least.items():
+        node = config
+        for part in key.split("."):
+            node = node[part]
+        if isinstance(node, bool) or not isinstance(node, int) or node < low:
+            raise ValueError(f"config.{key} must be an integer >= {low}, got {node!r}.")
 
 
 def _run_loop(
@@ -180,11 +206,16 @@ def _run_loop(
     total = epochs * steps_per_epoch
     start = int(state.step)
     metrics_path = workdir / "metrics.jsonl"
+    # Steps after the checkpoint resumed from were logged by the killed run and are replayed now:
+    # each step is logged once (the TensorBoard writer below purges them likewise).
+    workdir_lib.truncate_jsonl(metrics_path,
+                               lambda r: r.get("stage") == stage and r.get("step", 0) > start)
     best_path = stage_dir / "best_val.json"
     best_val = json.loads(best_path.read_text())["robust_acc"] if best_path.exists() else -math.inf
     progress = progress_bar(total, desc=stage, unit="step", enabled=config.progress,
                             initial=start)
-    tb = tensorboardX.SummaryWriter(str(workdir / "tensorboard"))
+    tb = tensorboardX.SummaryWriter(str(workdir / "tensorboard" / stage),
+                                    purge_step=start + 1 if start else None)
     batches = None
     for global_step in range(start, total):
         epoch, index = divmod(global_step, steps_per_epoch)
@@ -199,11 +230,13 @@ def _run_loop(
         if finite != 1.0:
             host = _host(metrics)
             bad = sorted(k for k, v in host.items() if not math.isfinite(v))
+            terms = ", ".join(bad) + " = " + str({k: host[k] for k in bad}) if bad else (
+                "the updated parameters (loss and gradients finite)" if not host["update_finite"]
+                else "gradients")
             raise NonFiniteError(
                 f"{stage}: non-finite values at step {global_step} (epoch {epoch}, batch "
-                f"{index}): {', '.join(bad) or 'gradients'} = "
-                f"{ {k: host[k] for k in bad} }; the state was not updated. Lower the learning "
-                f"rate or the penalty weights.")
+                f"{index}): {terms}; the state was not updated, the last checkpoint holds the "
+                f"state before. Lower the learning rate or the penalty weights.")
         progress.update(1)
         if (global_step + 1) % config.log_every == 0:
             host = _host(metrics)
@@ -219,11 +252,14 @@ def _run_loop(
                 **{f"val_{k}": v for k, v in val.items()}})
             for k, v in val.items():
                 tb.add_scalar(f"{stage}/val/{k}", v, global_step + 1)
-            checkpoints.save(mgr, global_step + 1, state)
+            tb.flush()  # what a resume from this epoch's checkpoint will not log again
+            # The best state before the epoch's checkpoint: a run killed in between replays the
+            # epoch (the same state again) and finds its best already saved.
             if val["robust_acc"] > best_val:
                 best_val = val["robust_acc"]
                 checkpoints.save(best_mgr, global_step + 1, state)
                 workdir_lib.write_atomic(best_path, json.dumps({"step": global_step + 1, **val}))
+            checkpoints.save(mgr, global_step + 1, state)
     progress.close()
     tb.close()
     if config.eval.checkpoint == "best" and best_path.exists():
@@ -393,7 +429,7 @@ def _stage_dirs(config, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Trained:
     """Runs (or, where finished, loads) the stages named in ``config.stages`` in ``workdir``."""
-    _validate(config)
+    validate(config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     dirs = _stage_dirs(config, workdir)
@@ -426,7 +462,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> T
       FileNotFoundError: a stage of ``config.stages`` (or the dense stage of ``config.init_dir``
         that a run without its own dense stage starts from) has no final checkpoint.
     """
-    _validate(config)
+    validate(config)
     workdir = pathlib.Path(workdir)
     missing = [str(_stage_final(d, s)) for s, d in _stage_dirs(config, workdir).items()
                if not _stage_final(d, s).exists()]

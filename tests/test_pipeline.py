@@ -61,7 +61,7 @@ def test_every_method_has_a_documented_config():
     bad = _config("hydra", "")
     bad.eval.num_standard = 10  # with the standard ensemble already configured: meaningless
     with pytest.raises(ValueError, match="num_standard=10 needs config.eval.attacks='fast'"):
-        train._validate(bad)
+        train.validate(bad)
     with pytest.raises(ValueError, match="quick,smoke"):
         _config("hydra", "quick,smoke")
     with pytest.raises(ValueError, match="imagenet"):
@@ -394,12 +394,16 @@ def test_sweep_keeps_each_summary_and_skips_finished_runs(tmp_path):
 
 
 def _tensorboard_scalars(logdir):
-    """``{tag: [(step, value), ...]}`` as TensorBoard itself reads the event files."""
+    """``{tag: [(step, value), ...]}`` as TensorBoard itself reads the event files (one run
+    directory per stage)."""
     from tensorboard.backend.event_processing import event_accumulator
 
-    acc = event_accumulator.EventAccumulator(str(logdir))
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
-            for tag in acc.Tags()["scalars"]}
+    out = {}
+    for run in sorted(pathlib.Path(logdir).iterdir()):
+        acc = event_accumulator.EventAccumulator(str(run))
+        acc.Reload()
+        out.update({tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+                    for tag in acc.Tags()["scalars"]})
+    return out
 
 

@@ -240,12 +240,24 @@ def tree_singular_values(
 
 
 def _host_matrices(params, masks, filter_fn):
-    """``(path, as_matrix(kernel * mask))`` in NumPy float64 for every selected kernel."""
+    """``(path, as_matrix(kernel * mask))`` in NumPy float64 for every selected kernel.
+
+    Raises ``ValueError`` naming a kernel with NaN or infinite entries (no spectrum exists)."""
     for name, leaf, mask in tree_utils.named_leaves(params, masks, filter_fn):
         w = np.asarray(jax.device_get(leaf), dtype=np.float64)
         if mask is not None:
             w = w * np.asarray(jax.device_get(mask), dtype=np.float64)
+        check_finite_kernel(name, w)
         yield name, w.reshape(-1, w.shape[-1])
+
+
+def check_finite_kernel(name: str, w: np.ndarray) -> None:
+    """Raises ``ValueError`` naming ``name`` and counting the non-finite entries of ``w``."""
+    bad = ~np.isfinite(w)
+    if bad.any():
+        raise ValueError(f"kernel {name!r} has {int(np.isnan(w).sum())} NaN and "
+                         f"{int(np.isinf(w).sum())} infinite entries of {w.size}: its "
+                         f"singular values are undefined (the training diverged?).")
 
 
 def tree_live_condition_numbers(
@@ -473,6 +485,7 @@ def host_conv_operator_condition_number(
     k = np.asarray(jax.device_get(kernel), np.float64)
     if mask is not None:
         k = k * np.asarray(jax.device_get(mask), np.float64)
+    check_finite_kernel("conv kernel", k)
     if live:
         k = k[:, :, np.any(k != 0, axis=(0, 1, 3))][..., np.any(k != 0, axis=(0, 1, 2))]
     c_in, c_out = k.shape[2:]

@@ -385,8 +385,9 @@ def make_train_step(
       ``loss`` (the adversarial objective), ``clean_loss``, ``clean_acc``, ``adv_acc`` (on the
       training attack's examples; equals ``clean_acc`` for clean training), ``cnc`` and
       ``tsc`` (raw penalty values, when in the optimizer), ``kernel_sq_norm`` (``sum ||W||^2``;
-      weight decay adds ``wd / 2`` times it), ``grad_norm``, and ``finite`` (1.0 when the loss
-      and every gradient are finite; otherwise the state is left unchanged).
+      weight decay adds ``wd / 2`` times it), ``grad_norm``, ``update_finite`` (1.0 when every
+      updated parameter is finite) and ``finite`` (1.0 when the loss, every gradient and every
+      updated parameter are finite; otherwise the state is left unchanged).
     """
     _check_step_arguments(loss, attack, mode, sparsity, beta, ema_decay)
     objective_fn = _OBJECTIVES[loss]
@@ -431,7 +432,10 @@ def make_train_step(
         else:
             new_ema = state.ema_params
         grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
+        # The update itself can overflow (a finite gradient times a large step): check its result.
+        update_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf))
+                                           for leaf in jax.tree.leaves(new_trainable)]))
+        finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm) & update_finite
         new_state = _keep_if_finite(finite, state, TrainState(
             step=state.step + 1, params=new_params, batch_stats=new_stats,
             opt_state=new_opt_state, ema_params=new_ema, rng=state.rng,
@@ -444,6 +448,7 @@ def make_train_step(
             "kernel_sq_norm": _kernel_sq_norm(effective_params(state, trainable)),
             "grad_norm": grad_norm,
             "finite": finite.astype(jnp.float32),
+            "update_finite": update_finite.astype(jnp.float32),
         }
         metrics.update(transforms.penalty_values(new_opt_state))
         if axis_name is not None:
