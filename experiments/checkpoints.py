@@ -89,6 +89,16 @@ def _verify(mgr: ocp.CheckpointManager, step: int, restored: dict) -> None:
                          f"SHA-256 ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})")
 
 
+def _intact(mgr: ocp.CheckpointManager, step: int) -> bool:
+    """Whether checkpoint ``step`` reads without a target and matches its recorded digests (a
+    restore into a target can also fail because the target differs, which is not damage)."""
+    try:
+        _verify(mgr, step, mgr.restore(step, args=ocp.args.StandardRestore(None)))
+    except Exception:  # any failure to read means damage
+        return False
+    return True
+
+
 def _move_aside(mgr: ocp.CheckpointManager, step: int) -> pathlib.Path:
     """Renames a damaged checkpoint (and its digests) out of the manager's view."""
     directory = pathlib.Path(mgr.directory)
@@ -169,6 +179,10 @@ def restore_latest(mgr: ocp.CheckpointManager, template: TrainState, *,
                 abstract if optimizer else None))
             _verify(mgr, step, restored)
         except Exception as e:  # any read failure means: try the previous one
+            if optimizer and _intact(mgr, step):  # not damage: this run's state differs
+                raise CheckpointError(
+                    f"Checkpoint {mgr.directory}/{step} is intact but does not match this run's "
+                    f"state (another optimizer or model?): {type(e).__name__}: {e}") from None
             dest = _move_aside(mgr, step)
             errors.append(f"step {step}: {type(e).__name__}: {e} (moved to {dest.name})")
             log.warning("Checkpoint %s/%s is unreadable (%s); moved aside to %s, trying the "

@@ -288,6 +288,9 @@ def test_a_stage_saved_under_another_optimizer_loads_without_its_optimizer_state
     template = tj.create_train_state(model, optax.adam(1e-3), jax.random.key(1), (3,))
     with pytest.raises(checkpoints.CheckpointError, match="opt_state"):
         checkpoints.restore_latest(checkpoints.manager(tmp_path), template)
+    # An intact checkpoint that does not fit this run is not damage: it stays where it is.
+    assert list(checkpoints.manager(tmp_path).all_steps()) == [7]
+    assert not [p for p in tmp_path.iterdir() if ".corrupt-" in p.name]
     got = checkpoints.restore_latest(checkpoints.manager(tmp_path), template, optimizer=False)
     assert _tree_equal(got.params, saved.params)
     assert _tree_equal(got.ema_params, saved.ema_params)
