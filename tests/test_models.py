@@ -205,3 +205,67 @@ def test_attack_loop_convolutions_use_standard_kernel_layout():
     labels = re.findall(r"dim_labels=(\w+)->", hlo)
     assert labels, "no convolution in the compiled attack"
     assert all(lab.endswith("_01io") for lab in labels), labels
+
+
+def _exported_step(platform: str, conv_impl: str) -> str:
+    """The StableHLO of a TRADES training step of the small CNN, exported for ``platform``."""
+    model = tj.create_model("small_cnn", width=4, conv_impl=conv_impl)
+    tx = tj.training.make_optimizer(0.1, cnc_weight=0.1)
+    state = tj.create_train_state(model, tx, jax.random.key(0), (28, 28, 1))
+    step = jax.jit(tj.training.make_train_step(
+        model, tx, loss="trades", attack=tj.training.default_attack("trades", eps=0.1, steps=1)))
+    batch = {"image": jnp.zeros((4, 28, 28, 1)), "label": jnp.zeros((4,), jnp.int32)}
+    return jax.export.export(step, platforms=(platform,))(state, batch).mlir_module()
+
+
+def _cpu_kernels(text: str) -> dict:
+    """What the CPU kernels leave in a program: the barrier of the rewritten convolution
+    backward and im2col's concatenation of 3x3 = 9 shifted slices along the channel axis."""
+    im2col = [c for c in re.findall(r"stablehlo\.concatenate ([^\n]*)", text)
+              if c.count("%") == 9 and "dim = 3" in c]
+    return {"barrier": text.count("optimization_barrier"), "im2col": len(im2col)}
+
+
+def test_cpu_kernels_only_in_programs_lowered_for_the_cpu():
+    cpu = _cpu_kernels(_exported_step("cpu", "auto"))
+    assert cpu["barrier"] > 0 and cpu["im2col"] > 0, cpu
+    for platform in ("cuda", "tpu"):
+        assert _cpu_kernels(_exported_step(platform, "auto")) == {"barrier": 0, "im2col": 0}
+    # The explicit overrides win over the platform.
+    forced = _cpu_kernels(_exported_step("cuda", "cpu"))
+    assert forced["barrier"] > 0 and forced["im2col"] > 0, forced
+    assert _cpu_kernels(_exported_step("cpu", "xla")) == {"barrier": 0, "im2col": 0}
+
+
+@pytest.mark.parametrize("name, kwargs, shape", [
+    ("small_cnn", {"width": 4}, (28, 28, 1)),
+    ("lenet5", {}, (28, 28, 1)),
+    ("vgg", {"width": 1 / 16, "use_bn": True}, (32, 32, 3)),
+])
+def test_conv_impls_compute_the_same_function(name, kwargs, shape):
+    x = jax.random.uniform(jax.random.key(1), (3, *shape))
+    y = jnp.array([0, 1, 2])
+    fns = {}
+    for impl in models.CONV_IMPLS:
+        model = tj.create_model(name, conv_impl=impl, **kwargs)
+        variables = model.init(jax.random.key(0), x[:1])  # the same parameters for every impl
+        fns[impl] = jax.value_and_grad(
+            lambda v, z, m=model: tj.training.cross_entropy(m.apply(v, z), y).mean(),
+            argnums=(0, 1))
+    ref_loss, ref_grads = fns["xla"](variables, x)
+    for impl in ("cpu", "auto"):
+        loss, grads = fns[impl](variables, x)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                     grads, ref_grads)
+
+
+def test_conv_impl_and_dtype_are_checked_by_name():
+    with pytest.raises(ValueError, match=r"conv_impl must be one of .* got 'gpu'"):
+        tj.create_model("small_cnn", conv_impl="gpu")
+    with pytest.raises(ValueError, match=r"dtype must be one of .* got 'float16'"):
+        tj.create_model("small_cnn", dtype="float16")
+    model = tj.create_model("small_cnn", width=4, dtype="bfloat16")
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))  # float32 params
+    assert model.apply(variables, jnp.zeros((2, 28, 28, 1))).dtype == jnp.bfloat16

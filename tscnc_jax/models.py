@@ -12,6 +12,11 @@ Conventions:
 * Parameter paths are Flax's automatic names (``Conv_0/kernel``, ``PreActBlock_3/Conv_1/kernel``,
   ``Dense_0/kernel``), so penalties and pruning address kernels by path, and every prunable kernel
   is a floating array of ndim >= 2 (:func:`tscnc_jax.tree_utils.is_kernel`).
+* ``conv_impl`` (every model): ``"auto"`` (default) uses the XLA:CPU-tuned convolution and
+  pooling kernels below when the computation is lowered for the CPU and plain
+  ``lax.conv_general_dilated`` / ``nn.max_pool`` on GPU and TPU; ``"cpu"`` / ``"xla"`` force
+  one of them (:data:`CONV_IMPLS`). ``dtype`` is the compute dtype (``"bfloat16"`` accepted by
+  :func:`create_model`); parameters are float32 either way.
 * Pruning masks are not part of the models: apply them to the parameters
   (:func:`tscnc_jax.apply_masks`) before ``apply``; the models stay pure.
 
@@ -83,17 +88,44 @@ def _max_pool_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array,
     return y, dy
 
 
-def max_pool_2x2(x: Array) -> Array:
+#: Layer implementations: ``"cpu"`` the XLA:CPU-tuned kernels of this module (im2col for small
+#: outputs and thin inputs, the convolution's rewritten backward, the elementwise max-pool
+#: backward), ``"xla"`` plain ``lax.conv_general_dilated`` / ``nn.max_pool``, ``"auto"`` the CPU
+#: kernels where the computation is lowered for the CPU and the plain ones on any other platform
+#: (``lax.platform_dependent``: decided per lowering, so a step exported for ``cuda`` or ``tpu``
+#: from a CPU host carries no CPU kernel).
+CONV_IMPLS = ("auto", "cpu", "xla")
+
+
+def check_conv_impl(impl: str) -> str:
+    """Returns ``impl`` if it is one of :data:`CONV_IMPLS`, else raises ``ValueError``."""
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}.")
+    return impl
+
+
+def _by_platform(impl: str, cpu: Callable, xla: Callable, *args: Array) -> Array:
+    if impl == "cpu":
+        return cpu(*args)
+    if impl == "xla":
+        return xla(*args)
+    return lax.platform_dependent(*args, cpu=cpu, default=xla)
+
+
+def max_pool_2x2(x: Array, impl: str = "auto") -> Array:
     """2x2 max pooling with stride 2 (VALID: an odd last row/column is dropped), NHWC.
 
-    Same values as ``nn.max_pool(x, (2, 2), (2, 2))``, and the gradient of ``jnp.max`` over each
-    window: ties share the cotangent equally (``nn.max_pool``'s select-and-scatter gives all of
-    it to one of them; the two agree wherever a window's max is unique).
+    Same values as ``nn.max_pool(x, (2, 2), (2, 2))``. With the CPU kernel (``impl="cpu"``, or
+    ``"auto"`` on the CPU; see :data:`CONV_IMPLS`) the gradient is that of ``jnp.max`` over each
+    window: ties share the cotangent equally (``nn.max_pool``'s select-and-scatter, used by
+    ``"xla"``, gives all of it to one of them; the two agree wherever a window's max is unique).
     """
     b, h, w, c = x.shape
     if h < 2 or w < 2:
         raise ValueError(f"max_pool_2x2 needs spatial size >= 2, got {h}x{w}.")
-    return _max_pool_2x2_even(x[:, : h - h % 2, : w - w % 2, :])
+    x = x[:, : h - h % 2, : w - w % 2, :]
+    return _by_platform(check_conv_impl(impl), _max_pool_2x2_even,
+                        lambda v: nn.max_pool(v, (2, 2), (2, 2)), x)
 
 
 def _im2col_conv(x: Array, kernel: Array, strides: tuple[int, int], padding: str) -> Array:
@@ -156,11 +188,14 @@ _xla_conv.defjvp(_xla_conv_jvp, symbolic_zeros=True)
 class Conv(nn.Module):
     """2-D convolution with ``nn.Conv``'s parameters (``kernel (kh, kw, c_in, c_out)``, ``bias``).
 
-    Outputs of at most ``im2col_max_pixels`` pixels (default: 2x2), and inputs of at most
-    ``im2col_max_channels`` channels (default 3: a first layer on grey or RGB images), are
-    computed as im2col + matmul (77x faster on XLA:CPU for the former, 1.8-3x faster input
-    gradient for the latter, see the module docstring); the rest with
-    ``lax.conv_general_dilated``. Both give the same result to float32 rounding.
+    With the CPU kernels (``impl="cpu"``, or the default ``"auto"`` when lowered for the CPU;
+    see :data:`CONV_IMPLS`), outputs of at most ``im2col_max_pixels`` pixels (default: 2x2),
+    and inputs of at most ``im2col_max_channels`` channels (default 3: a first layer on grey or
+    RGB images), are computed as im2col + matmul (77x faster on XLA:CPU for the former, 1.8-3x
+    faster input gradient for the latter, see the module docstring); the rest with
+    ``lax.conv_general_dilated`` and a rewritten backward. ``impl="xla"`` (and ``"auto"`` on
+    GPU/TPU) is plain ``lax.conv_general_dilated``. All give the same result to float32
+    rounding.
     """
 
     features: int
@@ -172,25 +207,34 @@ class Conv(nn.Module):
     kernel_init: Callable = conv_kernel_init
     im2col_max_pixels: int = 4
     im2col_max_channels: int = 3
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         kh, kw = self.kernel_size
         kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features))
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        sh, sw = self.strides
+        strides = tuple(self.strides)
+        y = _by_platform(check_conv_impl(self.impl),
+                         functools.partial(self._cpu_conv, strides=strides),
+                         lambda a, k: lax.conv_general_dilated(a, k, strides, self.padding,
+                                                               dimension_numbers=_NHWC),
+                         x, kernel)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        return y
+
+    def _cpu_conv(self, x: Array, kernel: Array, *, strides: tuple[int, int]) -> Array:
+        kh, kw = self.kernel_size
+        sh, sw = strides
         h, w = x.shape[1:3]
         if self.padding == "SAME":
             out_pixels = -(-h // sh) * -(-w // sw)
         else:
             out_pixels = ((h - kh) // sh + 1) * ((w - kw) // sw + 1)
         if out_pixels <= self.im2col_max_pixels or x.shape[-1] <= self.im2col_max_channels:
-            y = _im2col_conv(x, kernel, self.strides, self.padding)
-        else:
-            y = _xla_conv(x, kernel, tuple(self.strides), self.padding)
-        if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
-        return y
+            return _im2col_conv(x, kernel, strides, self.padding)
+        return _xla_conv(x, kernel, strides, self.padding)
 
 
 class GatedConv(nn.Module):
@@ -207,11 +251,12 @@ class GatedConv(nn.Module):
     strides: tuple[int, int] = (1, 1)
     droprate_init: float = 0.3
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool) -> Array:
         y = Conv(self.features, strides=self.strides, use_bias=False, dtype=self.dtype,
-                 name="conv")(x)
+                 impl=self.conv_impl, name="conv")(x)
         log_alpha = self.param(
             "log_alpha",
             lambda key, n: sparsity.init_log_alpha(key, n, droprate=self.droprate_init),
@@ -237,6 +282,7 @@ class MLP(nn.Module):
     features: Sequence[int] = (256, 256)
     num_classes: int = 10
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"  # no convolution; accepted so that every model takes the same keys
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool = False) -> Array:
@@ -260,15 +306,16 @@ class SmallCNN(nn.Module):
     width: int = 32
     gated: bool = False
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool = False) -> Array:
         for features in (self.width, 2 * self.width):
             if self.gated:
-                x = GatedConv(features, dtype=self.dtype)(x, train=train)
+                x = GatedConv(features, dtype=self.dtype, conv_impl=self.conv_impl)(x, train=train)
             else:
-                x = Conv(features, dtype=self.dtype)(x)
-            x = max_pool_2x2(nn.relu(x))
+                x = Conv(features, dtype=self.dtype, impl=self.conv_impl)(x)
+            x = max_pool_2x2(nn.relu(x), self.conv_impl)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(4 * self.width, dtype=self.dtype)(x))
         return nn.Dense(self.num_classes, dtype=self.dtype)(x)
@@ -279,13 +326,17 @@ class LeNet5(nn.Module):
 
     num_classes: int = 10
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool = False) -> Array:
         del train
         pad = "SAME" if x.shape[1] == 28 else "VALID"  # 28x28 is padded to the classic 32x32
-        x = max_pool_2x2(nn.relu(Conv(6, (5, 5), padding=pad, dtype=self.dtype)(x)))
-        x = max_pool_2x2(nn.relu(Conv(16, (5, 5), padding="VALID", dtype=self.dtype)(x)))
+        impl = self.conv_impl
+        x = max_pool_2x2(nn.relu(Conv(6, (5, 5), padding=pad, dtype=self.dtype, impl=impl)(x)),
+                         impl)
+        x = max_pool_2x2(nn.relu(Conv(16, (5, 5), padding="VALID", dtype=self.dtype,
+                                      impl=impl)(x)), impl)
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(120, dtype=self.dtype)(x))
         x = nn.relu(nn.Dense(84, dtype=self.dtype)(x))
@@ -311,6 +362,7 @@ class VGG(nn.Module):
     use_bn: bool = False
     width: float = 1.0
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
     bn_axis_name: str | None = None
 
     @nn.compact
@@ -320,10 +372,10 @@ class VGG(nn.Module):
         for item in VGG_CONFIGS[self.depth]:
             if item == "M":
                 if x.shape[1] >= 2 and x.shape[2] >= 2:
-                    x = max_pool_2x2(x)
+                    x = max_pool_2x2(x, self.conv_impl)
                 continue
             x = Conv(max(1, int(round(item * self.width))), use_bias=not self.use_bn,
-                     dtype=self.dtype)(x)
+                     dtype=self.dtype, impl=self.conv_impl)(x)
             if self.use_bn:
                 x = _batch_norm(train, self.dtype, self.bn_axis_name)(x)
             x = nn.relu(x)
@@ -339,6 +391,7 @@ class PreActBlock(nn.Module):
     gated: bool = False
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
     bn_axis_name: str | None = None
 
     @nn.compact
@@ -346,17 +399,19 @@ class PreActBlock(nn.Module):
         out = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name)(x))
         if x.shape[-1] != self.features or self.strides != (1, 1):
             shortcut = Conv(self.features, (1, 1), self.strides, use_bias=False,
-                            dtype=self.dtype, name="shortcut")(out)
+                            dtype=self.dtype, impl=self.conv_impl, name="shortcut")(out)
         else:
             shortcut = x
         if self.gated:
-            y = GatedConv(self.features, self.strides, dtype=self.dtype)(out, train=train)
+            y = GatedConv(self.features, self.strides, dtype=self.dtype,
+                          conv_impl=self.conv_impl)(out, train=train)
         else:
-            y = Conv(self.features, strides=self.strides, use_bias=False, dtype=self.dtype)(out)
+            y = Conv(self.features, strides=self.strides, use_bias=False, dtype=self.dtype,
+                     impl=self.conv_impl)(out)
         y = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name)(y))
         if self.dropout_rate > 0:
             y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-        y = Conv(self.features, use_bias=False, dtype=self.dtype)(y)
+        y = Conv(self.features, use_bias=False, dtype=self.dtype, impl=self.conv_impl)(y)
         return y + shortcut
 
 
@@ -366,15 +421,17 @@ class PreActResNet18(nn.Module):
     num_classes: int = 10
     width: int = 64
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
     bn_axis_name: str | None = None
 
     @nn.compact
     def __call__(self, x: Array, *, train: bool = False) -> Array:
-        x = Conv(self.width, use_bias=False, dtype=self.dtype)(x)
+        x = Conv(self.width, use_bias=False, dtype=self.dtype, impl=self.conv_impl)(x)
         for stage, mult in enumerate((1, 2, 4, 8)):
             for block in range(2):
                 strides = (2, 2) if stage > 0 and block == 0 else (1, 1)
                 x = PreActBlock(self.width * mult, strides, dtype=self.dtype,
+                                conv_impl=self.conv_impl,
                                 bn_axis_name=self.bn_axis_name)(x, train=train)
         x = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name)(x))
         x = jnp.mean(x, axis=(1, 2))
@@ -395,6 +452,7 @@ class WideResNet(nn.Module):
     gated: bool = False
     dropout_rate: float = 0.0
     dtype: Any = jnp.float32
+    conv_impl: str = "auto"
     bn_axis_name: str | None = None
 
     @nn.compact
@@ -402,12 +460,13 @@ class WideResNet(nn.Module):
         if (self.depth - 4) % 6:
             raise ValueError(f"WideResNet depth must be 6n + 4, got {self.depth}.")
         n = (self.depth - 4) // 6
-        x = Conv(16, use_bias=False, dtype=self.dtype)(x)
+        x = Conv(16, use_bias=False, dtype=self.dtype, impl=self.conv_impl)(x)
         for stage, width in enumerate((16, 32, 64)):
             for block in range(n):
                 strides = (2, 2) if stage > 0 and block == 0 else (1, 1)
                 x = PreActBlock(width * self.widen_factor, strides, gated=self.gated,
                                 dropout_rate=self.dropout_rate, dtype=self.dtype,
+                                conv_impl=self.conv_impl,
                                 bn_axis_name=self.bn_axis_name)(x, train=train)
         x = nn.relu(_batch_norm(train, self.dtype, self.bn_axis_name)(x))
         x = jnp.mean(x, axis=(1, 2))
@@ -465,4 +524,18 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     if unknown:
         raise ValueError(f"Unknown argument(s) {sorted(unknown)} for model {name!r}; "
                          f"accepted: {sorted(fields)}.")
+    if "conv_impl" in kwargs:
+        check_conv_impl(kwargs["conv_impl"])
+    if isinstance(kwargs.get("dtype"), str):
+        kwargs["dtype"] = _dtype(kwargs["dtype"])
     return cls(**kwargs)
+
+
+#: Compute dtypes a model accepts by name (parameters stay float32 either way).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _dtype(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}.")
+    return DTYPES[name]
