@@ -515,10 +515,15 @@ def conv_input_shapes(model: nn.Module, variables: Any,
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
     """Builds a model by name (``mlp``, ``small_cnn``, ``lenet5``, ``vgg``, ``preact_resnet18``,
-    ``wide_resnet``) with its keyword arguments; unknown names or arguments raise ``ValueError``."""
-    if name not in _MODELS:
-        raise ValueError(f"Unknown model {name!r}; choose one of {sorted(_MODELS)}.")
-    cls = _MODELS[name]
+    ``wide_resnet``, and the PyTorch-compatible ``resnet18`` and ``vgg16_bn`` of
+    :mod:`tscnc_jax.torch_models`) with its keyword arguments; unknown names or arguments raise
+    ``ValueError``."""
+    from tscnc_jax import torch_models  # it builds on this module's layers
+
+    registry = {**_MODELS, **torch_models.ARCHS}
+    if name not in registry:
+        raise ValueError(f"Unknown model {name!r}; choose one of {sorted(registry)}.")
+    cls = registry[name]
     fields = set(cls.__dataclass_fields__) - {"parent", "name"}
     unknown = set(kwargs) - fields
     if unknown:
