@@ -5,11 +5,11 @@ import json
 import math
 import os
 import pathlib
-import subprocess
 import sys
 
 import numpy as np
 import pytest
+import stall
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -18,8 +18,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def test_quick_benchmark_writes_every_section(tmp_path):
     out = tmp_path / "run.md"
     env = dict(os.environ, PYTHONPATH=str(ROOT), OPENBLAS_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", f"--out={out}"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = stall.run([sys.executable, "-m", "benchmarks.run", "--quick", f"--out={out}"],
+                     cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = out.read_text()
     for title in ("1. Practical peak", "2. Training steps", "3. JAX vs PyTorch",

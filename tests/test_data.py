@@ -12,14 +12,15 @@ import pickle
 import re
 import socket
 import struct
-import subprocess
 import sys
 import tarfile
+import threading
 import time
 
 import ml_collections
 import numpy as np
 import pytest
+import stall
 
 from experiments import data
 from experiments.data import readers, sources
@@ -45,6 +46,25 @@ def no_network(monkeypatch):
         raise AssertionError(f"the network probe was called for {url}")
 
     monkeypatch.setattr(sources, "can_connect", forbidden)
+
+
+@pytest.fixture
+def sockets(monkeypatch):
+    """Records every name lookup and connection attempt (and refuses them): a failure that is
+    "fast" does not wait on the network, which no wall-clock limit could tell on a loaded
+    machine, and tfds' download retries (about 200 s offline) would show up here."""
+    attempts = []
+
+    def refuse(what):
+        def fn(*args, **kwargs):
+            attempts.append((what, args[:2]))
+            raise OSError(f"{what} refused by the test")
+        return fn
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse("getaddrinfo"))
+    monkeypatch.setattr(socket, "create_connection", refuse("create_connection"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("connect"))
+    return attempts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,13 +329,13 @@ def _no_debian(monkeypatch, tmp_path):
     return spec
 
 
-def test_offline_failure_is_fast_and_says_what_to_do(tmp_path, monkeypatch, no_network):
+def test_offline_failure_is_fast_and_says_what_to_do(tmp_path, monkeypatch, no_network,
+                                                     sockets):
     _no_debian(monkeypatch, tmp_path)
     monkeypatch.setenv(data.ENV_MANUAL_DIR, str(tmp_path / "root"))
-    t0 = time.perf_counter()
     with pytest.raises(data.DatasetNotFoundError) as info:
         data.load_dataset("fashion_mnist", data_dir=tmp_path / "tfds", allow_download=False)
-    assert time.perf_counter() - t0 < 5.0
+    assert sockets == []  # fast: nothing waited on the network
     msg = str(info.value)
     for f in IDX_FILES:
         assert f in msg
@@ -328,17 +348,16 @@ def test_offline_failure_is_fast_and_says_what_to_do(tmp_path, monkeypatch, no_n
     assert not (tmp_path / "tfds" / "tscnc_fashion_mnist" / "1.0.0").exists()
 
 
-def test_offline_failure_when_probe_fails(tmp_path, monkeypatch):
+def test_offline_failure_when_probe_fails(tmp_path, monkeypatch, sockets):
     calls = []
 
     def unreachable(url):
         calls.append(url)
         return False
 
-    t0 = time.perf_counter()
     with pytest.raises(data.DatasetNotFoundError, match="No network") as info:
         data.load_dataset("cifar10", data_dir=tmp_path, probe=unreachable)
-    assert time.perf_counter() - t0 < 5.0
+    assert sockets == []  # one probe, then the error: no download attempt
     assert calls == ["https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"]
     msg = str(info.value)
     assert "cifar-10-python.tar.gz" in msg and "curl -fLO https://www.cs.toronto.edu" in msg
@@ -361,16 +380,17 @@ def test_explicit_manual_dir_without_files_is_an_error(tmp_path, no_network):
     assert "lacks t10k-labels-idx1-ubyte.gz" in str(info.value)
 
 
-def test_direct_tfds_use_also_fails_fast(tmp_path, monkeypatch):
+def test_direct_tfds_use_also_fails_fast(tmp_path, monkeypatch, sockets):
     import tensorflow_datasets as tfds
 
-    monkeypatch.setattr(sources, "can_connect", lambda url, timeout=None: False)
+    probes = []
+    monkeypatch.setattr(sources, "can_connect",
+                        lambda url, timeout=None: probes.append(url) or False)
     builder = data.builder_class("mnist")(data_dir=tmp_path)
-    t0 = time.perf_counter()
     with pytest.raises(data.DatasetNotFoundError, match="No network"):
         builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
             manual_dir=tmp_path / "empty", try_download_gcs=False))
-    assert time.perf_counter() - t0 < 5.0
+    assert len(probes) == 1 and sockets == []  # one bounded probe, no download retries
 
 
 def test_can_connect_on_loopback_only():
@@ -379,21 +399,27 @@ def test_can_connect_on_loopback_only():
         server.listen(1)
         port = server.getsockname()[1]
         assert data.can_connect(f"http://127.0.0.1:{port}/x", timeout=1.0)
-    # The port is closed now: refused at once.
+    # The port is closed now: refused at once, long before the (generous) timeout.
     t0 = time.perf_counter()
-    assert not data.can_connect(f"http://127.0.0.1:{port}/x", timeout=1.0)
-    assert time.perf_counter() - t0 < 1.5
+    assert not data.can_connect(f"http://127.0.0.1:{port}/x", timeout=120.0)
+    assert time.perf_counter() - t0 < 60.0
 
 
 def test_can_connect_is_bounded_even_if_connect_hangs(monkeypatch):
-    def hang(address, timeout=None):
-        time.sleep(3.0)
+    released = threading.Event()
+
+    def hang(address, timeout=None):  # ignores its timeout, as a stuck name lookup can
+        released.wait(600.0)
         raise OSError("too late")
 
     monkeypatch.setattr(sources.socket, "create_connection", hang)
     t0 = time.perf_counter()
-    assert not data.can_connect("https://example.invalid/", timeout=0.2)
-    assert time.perf_counter() - t0 < 1.0
+    try:
+        assert not data.can_connect("https://example.invalid/", timeout=0.2)
+        # Far below the hang: the probe gave up at its own deadline (a margin for load).
+        assert time.perf_counter() - t0 < 300.0
+    finally:
+        released.set()
 
 
 def test_probe_goes_through_the_proxy(monkeypatch):
@@ -414,8 +440,7 @@ def test_command_line_output_and_exit_codes(tmp_path):
     env.update({data.ENV_MANUAL_DIR: str(tmp_path / "root"), data.ENV_OFFLINE: "1"})
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "experiments.data", *args], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=300)
+        return stall.run([sys.executable, "-m", "experiments.data", *args], cwd=ROOT, env=env)
 
     ok = cli("mnist", f"--data_dir={tmp_path / 'tfds'}", "--no_download")
     assert ok.returncode == 0, ok.stderr[-3000:]

@@ -3,10 +3,10 @@
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import pytest
+import stall
 
 from experiments import study
 
@@ -137,10 +137,10 @@ def test_smoke_study_subset_runs_and_keeps_summaries(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
 
     def study_run(workdir, only="^hydra_95_s0$"):
-        return subprocess.run(
+        return stall.run(
             [sys.executable, "-m", "experiments.study", f"--workdir={workdir}",
              f"--summaries={tmp_path / 'kept'}", "--variant=smoke", f"--only={only}"],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+            cwd=ROOT, env=env)
 
     proc = study_run(tmp_path / "runs")
     assert proc.returncode == 0, proc.stderr[-3000:]
