@@ -228,12 +228,14 @@ def _torch_step(name: str, loss: str, batch: dict):
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    model = torch_model(name)
+    # On the GPU when there is one (the accelerator check compares the two frameworks there).
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = torch_model(name).to(device)
     eps = train_step.EPS[name]
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True,
                           weight_decay=5e-4)
-    x = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous()
-    y = torch.from_numpy(batch["label"]).long()
+    x = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2).contiguous().to(device)
+    y = torch.from_numpy(batch["label"]).long().to(device)
 
     def attack():
         model.eval()
@@ -271,6 +273,8 @@ def _torch_step(name: str, loss: str, batch: dict):
         opt.zero_grad(set_to_none=True)
         obj.backward()
         opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # the step is timed to its end, as the JAX one is
 
     return step
 

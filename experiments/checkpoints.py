@@ -17,13 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import pathlib
+import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 from tscnc_jax.training import TrainState
 
@@ -47,11 +48,30 @@ def _from_saveable(d: dict) -> TrainState:
     return TrainState(**d)
 
 
+def _host_copy(leaf) -> np.ndarray:
+    """A host copy of ``leaf``; of a global array spanning other processes, this process's copy
+    (the saved states are replicated: every process holds all of it)."""
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+        if not leaf.is_fully_replicated:
+            raise ValueError(f"cannot digest a sharded global array of shape {leaf.shape} from "
+                             f"one process; checkpoints hold replicated states.")
+        leaf = leaf.addressable_data(0)
+    return np.ascontiguousarray(jax.device_get(leaf))
+
+
+def _sync(name: str) -> None:
+    """A barrier across processes (a no-op in a single-process run)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def digests(tree) -> dict[str, str]:
     """``{path: sha256(dtype, shape, bytes)}`` of every array of ``tree`` (fetched to the host)."""
     out = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-        a = np.ascontiguousarray(jax.device_get(leaf))
+        a = _host_copy(leaf)
         h = hashlib.sha256(f"{a.dtype.str}{list(a.shape)}".encode())
         h.update(a.tobytes())
         out[_path_name(path)] = h.hexdigest()
@@ -70,8 +90,8 @@ def _path_name(path) -> str:
     return "/".join(parts)
 
 
-def _digest_file(mgr: ocp.CheckpointManager, step: int) -> pathlib.Path:
-    return pathlib.Path(mgr.directory) / f"{int(step)}.sha256.json"
+def _digest_file(mgr: ocp.CheckpointManager, step: int) -> epath.Path:
+    return epath.Path(mgr.directory) / f"{int(step)}.sha256.json"
 
 
 def _verify(mgr: ocp.CheckpointManager, step: int, restored: dict) -> None:
@@ -89,32 +109,52 @@ def _verify(mgr: ocp.CheckpointManager, step: int, restored: dict) -> None:
                          f"SHA-256 ({', '.join(bad[:4])}{', ...' if len(bad) > 4 else ''})")
 
 
+def restore_as_saved(mgr: ocp.CheckpointManager, step: int) -> dict:
+    """Checkpoint ``step`` as it was saved (its own tree, shapes and dtypes), on this process's
+    first device, whatever devices saved it (a run on 2 devices read by a run on 1)."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    metadata = mgr.item_metadata(step)
+    metadata = getattr(metadata, "tree", metadata)
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                            metadata)
+    return mgr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
 def _intact(mgr: ocp.CheckpointManager, step: int) -> bool:
-    """Whether checkpoint ``step`` reads without a target and matches its recorded digests (a
-    restore into a target can also fail because the target differs, which is not damage)."""
+    """Whether checkpoint ``step`` reads as saved and matches its recorded digests (a restore
+    into a target can also fail because the target differs, which is not damage)."""
     try:
-        _verify(mgr, step, mgr.restore(step, args=ocp.args.StandardRestore(None)))
+        _verify(mgr, step, restore_as_saved(mgr, step))
     except Exception:  # any failure to read means damage
         return False
     return True
 
 
-def _move_aside(mgr: ocp.CheckpointManager, step: int) -> pathlib.Path:
-    """Renames a damaged checkpoint (and its digests) out of the manager's view."""
-    directory = pathlib.Path(mgr.directory)
+def _move_aside(mgr: ocp.CheckpointManager, step: int) -> epath.Path:
+    """Renames a damaged checkpoint (and its digests) out of the manager's view (process 0
+    renames; every process finds it damaged alike and waits for the rename)."""
+    directory = epath.Path(mgr.directory)
     stamp = time.strftime("%Y%m%dT%H%M%S")
     dest = directory / f"{int(step)}.corrupt-{stamp}"
-    (directory / str(int(step))).rename(dest)
-    if _digest_file(mgr, step).exists():
-        _digest_file(mgr, step).rename(dest.with_name(dest.name + ".sha256.json"))
+    _sync(f"tscnc_move_aside_{int(step)}_start")
+    if jax.process_index() == 0:
+        (directory / str(int(step))).rename(dest)
+        if _digest_file(mgr, step).exists():
+            _digest_file(mgr, step).rename(dest.with_name(dest.name + ".sha256.json"))
+    _sync(f"tscnc_move_aside_{int(step)}_done")
     mgr.reload()
     return dest
 
 
-def manager(directory: str | pathlib.Path, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
-    """A ``CheckpointManager`` keeping the ``max_to_keep`` most recent steps."""
+def manager(directory: str | os.PathLike, *, max_to_keep: int = 2) -> ocp.CheckpointManager:
+    """A ``CheckpointManager`` keeping the ``max_to_keep`` most recent steps. A local path is
+    made absolute; a URL (``gs://bucket/run``) goes to orbax as it is."""
+    directory = str(directory)
+    if "://" not in directory:
+        directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options)
+    return ocp.CheckpointManager(epath.Path(directory), options=options,
+                                 item_handlers=ocp.StandardCheckpointHandler())
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state: TrainState) -> None:
@@ -125,13 +165,16 @@ def save(mgr: ocp.CheckpointManager, step: int, state: TrainState) -> None:
         mgr.delete(int(step))
     mgr.save(int(step), args=ocp.args.StandardSave(saveable), force=True)
     mgr.wait_until_finished()
+    recorded = digests(saveable)  # on every process: the same replicated state
+    if jax.process_index() != 0:
+        return
     # After the checkpoint is complete: a crash in between leaves a valid checkpoint without
     # digests, which restores unverified (never a digest file of a half-written checkpoint).
     tmp = _digest_file(mgr, step).with_suffix(".tmp")
-    tmp.write_text(json.dumps(digests(saveable)))
+    tmp.write_text(json.dumps(recorded))
     tmp.replace(_digest_file(mgr, step))
     kept = {int(s) for s in mgr.all_steps()}
-    for f in pathlib.Path(mgr.directory).glob("*.sha256.json"):  # of checkpoints orbax deleted
+    for f in _digest_file(mgr, step).parent.glob("*.sha256.json"):  # of deleted checkpoints
         if f.name.split(".")[0].isdigit() and int(f.name.split(".")[0]) not in kept:
             f.unlink()
 
@@ -175,8 +218,8 @@ def restore_latest(mgr: ocp.CheckpointManager, template: TrainState, *,
     errors = []
     for step in steps:
         try:
-            restored = mgr.restore(step, args=ocp.args.StandardRestore(
-                abstract if optimizer else None))
+            restored = (mgr.restore(step, args=ocp.args.StandardRestore(abstract)) if optimizer
+                        else restore_as_saved(mgr, step))
             _verify(mgr, step, restored)
         except Exception as e:  # any read failure means: try the previous one
             if optimizer and _intact(mgr, step):  # not damage: this run's state differs

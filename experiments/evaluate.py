@@ -37,6 +37,7 @@ import os
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as in experiments.main
 
+import contextlib
 import functools
 import json
 import logging as py_logging
@@ -246,48 +247,115 @@ def combine(chunks: list[dict], num: int) -> dict:
             "chunk_starts": [c["start"] for c in chunks]}
 
 
+def _chunk_key(key: jax.Array, start: int) -> jax.Array:
+    """The key of the chunk of test images starting at ``start`` (``key`` itself for the first,
+    so a one-chunk evaluation keeps the run's key)."""
+    return key if start == 0 else jax.random.fold_in(key, start)
+
+
+def _outcomes(report) -> dict:
+    return {"attacks": list(report.attacks),
+            "clean_correct": [int(v) for v in report.clean_correct],
+            "broken_by": [int(v) for v in report.broken_by], "warnings": list(report.warnings)}
+
+
+def _evaluate_test_chunk(config, logits_fn, x, y, start: int, n_std: int, n_lip: int) -> dict:
+    """Every per-image outcome of the final evaluation on the test images ``start ..``
+    (``x``, ``y``): PGD, the configured ensemble, the standard ensemble on those of the first
+    ``n_std`` images, the local Lipschitz estimate on those of the first ``n_lip``."""
+    bs = config.batch_size
+    pgd = tj.evaluate_robustness(
+        logits_fn, batches(x, y, bs), eps=config.eps, attacks={"pgd": pgd_member(config)},
+        key=_chunk_key(jax.random.key(config.seed + 5), start), sanity_checks=False,
+        progress=config.progress)
+    report = tj.evaluate_robustness(
+        logits_fn, batches(x, y, bs), eps=config.eps, attacks=config.eval.attacks,
+        key=_chunk_key(jax.random.key(config.seed + 6), start), progress=config.progress)
+    out = {"start": start, "num": len(y), "pgd": _outcomes(pgd), "ensemble": _outcomes(report)}
+    k_std = max(0, min(n_std - start, len(y)))
+    if k_std:
+        out["standard"] = evaluate_chunk(config, logits_fn, x[:k_std], y[:k_std], start)
+    k_lip = max(0, min(n_lip - start, len(y)))
+    lip_jit = jax.jit(lambda xb, kb: tj.local_lipschitz(
+        logits_fn, xb, key=kb, eps=config.eps, steps=config.eval.lipschitz_steps))
+    lip_key = jax.random.key(config.seed + 7)
+    out["lipschitz"] = [float(v) for i in range(0, k_lip, bs) for v in np.asarray(
+        lip_jit(x[i:min(i + bs, k_lip)], jax.random.fold_in(lip_key, start + i)))]
+    return out
+
+
+def _gather_json(local: list) -> list:
+    """Every process's ``local`` list (JSON-serialisable), concatenated in process order."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    raw = np.frombuffer(json.dumps(local).encode(), np.uint8)
+    sizes = multihost_utils.process_allgather(np.asarray([raw.size], np.int64))
+    padded = np.zeros(int(np.max(sizes)), np.uint8)
+    padded[:raw.size] = raw
+    every = multihost_utils.process_allgather(padded)
+    return [item for p in range(jax.process_count())
+            for item in json.loads(bytes(every[p][:int(sizes[p][0])]).decode())]
+
+
+def _cascade(records: list[dict]) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Per-image clean correctness and first breaking attack over chunks (in order), the
+    attacks' names and the warnings (labelled with their images when there are several
+    chunks)."""
+    clean = np.concatenate([np.asarray(r["clean_correct"], bool) for r in records])
+    broken = np.concatenate([np.asarray(r["broken_by"], np.int64) for r in records])
+    several = len(records) > 1
+    warnings = [f"images {r['start']}-{r['start'] + len(r['broken_by']) - 1}: {w}" if several
+                else w for r in records for w in r["warnings"]]
+    return clean, broken, records[0]["attacks"], warnings
+
+
 def final_evaluation(config, trained: train.Trained) -> dict:
-    """The test-set numbers and the spectral report of a trained run (module docstring)."""
+    """The test-set numbers and the spectral report of a trained run (module docstring).
+
+    The test images are evaluated in chunks of ``config.eval.chunk`` (0: one chunk per
+    process), each with its own keys (``_chunk_key``); the processes of a multi-process run
+    share the chunks out and gather the per-image outcomes, so every process computes the same
+    summary, equal to a one-process evaluation with the same chunk size.
+    """
     model, data, state, masks = trained.model, trained.data, trained.state, trained.masks
     params = train.evaluated_params(config, state)
     logits_fn = logits_function(config, model, state)
     n = min(config.eval.num_test, data.test_images.shape[0])
     x, y = test_arrays(data, n)
-    bs = config.batch_size
+    chunk = config.eval.chunk or -(-n // jax.process_count())
+    n_std, n_lip = min(config.eval.num_standard, n), min(config.eval.num_lipschitz, n)
     t0 = time.time()
-    pgd = tj.evaluate_robustness(
-        logits_fn, batches(x, y, bs), eps=config.eps, attacks={"pgd": pgd_member(config)},
-        key=jax.random.key(config.seed + 5), sanity_checks=False, progress=config.progress)
-    report = tj.evaluate_robustness(
-        logits_fn, batches(x, y, bs), eps=config.eps, attacks=config.eval.attacks,
-        key=jax.random.key(config.seed + 6), progress=config.progress)
+    mine = chunk_starts(n, chunk)[jax.process_index()::jax.process_count()]
+    records = sorted(_gather_json([
+        _evaluate_test_chunk(config, logits_fn, x[s:s + chunk], y[s:s + chunk], s, n_std, n_lip)
+        for s in mine]), key=lambda r: r["start"])
+    clean, fast_broken, names, warnings = _cascade(
+        [{**r["ensemble"], "start": r["start"]} for r in records])
+    pgd_clean, pgd_broken, _, _ = _cascade([{**r["pgd"], "start": r["start"]} for r in records])
+    robust = clean & (fast_broken < 0)
     standard = {}
-    n_std = min(config.eval.num_standard, n)
     if n_std:
-        chunk = evaluate_chunk(config, logits_fn, x[:n_std], y[:n_std], 0)
-        totals = combine([chunk], n_std)
-        fast_robust = report.clean_correct[:n_std] & (report.broken_by[:n_std] < 0)
+        chunks = [r["standard"] for r in records if "standard" in r]
+        totals = combine(chunks, n_std)
         standard = {"num_standard": n_std,
                     "standard_ensemble_acc": totals["standard_ensemble_acc"],
-                    "fast_ensemble_acc_on_standard_subset": float(np.mean(fast_robust)),
+                    "fast_ensemble_acc_on_standard_subset": float(np.mean(robust[:n_std])),
                     "standard_per_attack": totals["standard_per_attack"],
-                    "standard_attack_warnings": chunk["warnings"],
-                    "standard_seconds": chunk["seconds"]}
-    n_lip = min(config.eval.num_lipschitz, n)
-    lip_jit = jax.jit(lambda xb, kb: tj.local_lipschitz(
-        logits_fn, xb, key=kb, eps=config.eps, steps=config.eval.lipschitz_steps))
-    lip_key = jax.random.key(config.seed + 7)
-    lip = np.concatenate([np.zeros(0, np.float32)] + [
-        np.asarray(lip_jit(xb, jax.random.fold_in(lip_key, i * bs)))
-        for i, (xb, _) in enumerate(batches(x[:n_lip], y[:n_lip], bs))])
+                    "standard_attack_warnings": (chunks[0]["warnings"] if len(chunks) == 1
+                                                 else totals["standard_attack_warnings"]),
+                    "standard_seconds": totals["standard_seconds"]}
+    lip = np.asarray([v for r in records for v in r["lipschitz"]], np.float64)
     sparsity = tj.summarize_sparsity(tj.nonzero_masks(params))
     result = {
         "num_test": n,
-        "clean_acc": float(report.clean_accuracy),
-        f"pgd{config.eval.pgd_steps}_acc": float(pgd.ensemble_robust_accuracy),
-        "ensemble_acc": float(report.ensemble_robust_accuracy),
-        "per_attack": {k: float(v) for k, v in report.robust_accuracy.items()},
-        "attack_warnings": list(report.warnings),
+        "clean_acc": float(np.mean(clean)),
+        f"pgd{config.eval.pgd_steps}_acc": float(np.mean(pgd_clean & (pgd_broken < 0))),
+        "ensemble_acc": float(np.mean(robust)),
+        "per_attack": {name: float(np.mean(clean & ((fast_broken < 0) | (fast_broken > i))))
+                       for i, name in enumerate(names)},
+        "attack_warnings": warnings,
         "sparsity": float(sparsity.sparsity),
         "layer_sparsity": {name: float(layer.sparsity) for name, layer in sparsity.layers.items()},
         "local_lipschitz_mean": float(np.mean(lip)) if n_lip else float("nan"),
@@ -312,15 +380,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     naming them (``workdir.RESUMABLE_KEYS`` may change).
     """
     workdir = pathlib.Path(workdir)
-    with workdir_lib.exclusive(workdir):
+    main = jax.process_index() == 0  # the process that writes the run's files
+    with workdir_lib.exclusive(workdir) if main else contextlib.nullcontext():
         train.validate(config)  # before the config is recorded: a bad one is never kept
-        workdir_lib.check_config(workdir, config.to_dict())
+        workdir_lib.check_config(workdir, config.to_dict(), record=main)
         return _train_and_evaluate(config, workdir)
 
 
 def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
     t0 = time.time()
     trained = train.train(config, workdir)
+    # Each process evaluates with its own copy of the (replicated) trained state.
+    trained = trained._replace(state=tj.parallel.local_copy(trained.state),
+                               dense=tj.parallel.local_copy(trained.dense))
     stages, step = config.stages, int(trained.state.step)
     if not config.eval.final:
         log.info("config.eval.final=False: trained %s to step %d, no evaluation or summary",
@@ -330,10 +402,12 @@ def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
     summary.update(final_evaluation(config, trained))
     summary.update(dense_spectral_fields(config, trained))
     summary["wall_seconds"] = time.time() - t0
-    workdir_lib.write_atomic(workdir / "summary.json", json.dumps(summary, indent=2, default=str))
-    workdir_lib.write_atomic(workdir / "results.md", results_markdown([summary]))
-    if config.plots:
-        plots.run_plots(workdir, summary)
+    if jax.process_index() == 0:
+        workdir_lib.write_atomic(workdir / "summary.json",
+                                 json.dumps(summary, indent=2, default=str))
+        workdir_lib.write_atomic(workdir / "results.md", results_markdown([summary]))
+        if config.plots:
+            plots.run_plots(workdir, summary)
     return summary
 
 

@@ -261,13 +261,36 @@ def without_kept(runs: list[Run], kept: set[str]) -> list[Run]:
     return [dataclasses.replace(r, dense_only=True) if r.name in kept else r for r in needed]
 
 
+def check_kept(runs: list[Run], kept: set[str], summaries: pathlib.Path) -> None:
+    """Raises ``app.UsageError`` naming every kept summary among ``runs`` that was made with
+    another config than the plan's run of its name (``workdir.summary_differences``): skipping
+    it would report a run the plan no longer describes."""
+    root = pathlib.Path(FLAGS.workdir or "runs")
+    common = [f"--config.{kv}" for kv in FLAGS.set]
+    bad = []
+    for r in runs:
+        if r.name in kept:
+            config = sweep.parse_run(r.config, FLAGS.variant)[1]
+            why = sweep.mismatch(summaries / r.name / "summary.json", config,
+                                 r.flags(root) + common)
+            if why:
+                bad.append(f"  {r.name}: {why}")
+    if bad:
+        raise app.UsageError(
+            f"{len(bad)} kept summary(ies) in {summaries} were made with another config than "
+            f"this plan's runs of the same name:\n" + "\n".join(bad) + "\nRerun them "
+            f"(--rerun_kept with --only=...), or move those summaries out of {summaries}.")
+
+
 def main(argv, plan_fn=None):
     """Runs the selected part of ``plan_fn()`` (default: this study's :func:`plan`)."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     runs = select((plan_fn or plan)(), FLAGS.only)
     if FLAGS.summaries and not FLAGS.rerun_kept:
-        pending = without_kept(runs, {d.name for d in sweep.kept_runs(FLAGS.summaries)})
+        kept = {d.name for d in sweep.kept_runs(FLAGS.summaries)}
+        check_kept(runs, kept, pathlib.Path(FLAGS.summaries))
+        pending = without_kept(runs, kept)
         skipped = [r.name for r in runs if r.name not in {p.name for p in pending}]
         if skipped:
             print(f"kept in {FLAGS.summaries}, not rerun (--rerun_kept reruns them): "

@@ -8,13 +8,15 @@
 Each positional argument is a config name (``experiments/configs/<name>.py``) or a
 ``name=config[:variant]`` pair that names the run differently (``hydra_95=hydra``). Every run is
 ``python -m experiments.main`` in its own process and workdir (``<workdir>/<name>``) with the
-``--set`` overrides as ``--config.<key>=<value>``. A run whose ``summary.json`` exists is skipped,
-a killed or failed run resumes from its checkpoints on the next invocation, and one run's failure
-does not stop the others. After each run finished by this invocation its ``summary.json`` and
-``results.md`` are copied to ``--summaries/<name>/`` (a skipped run's kept copy is left as it
-is, or made if missing). At the end the comparison table of the selected finished runs is
-written to ``<workdir>/results.md`` and printed, and ``--summaries/results.md`` gets one row per
-kept summary there, labelled by run name, so a sweep of a few runs does not drop the others.
+``--set`` overrides as ``--config.<key>=<value>``. A run whose ``summary.json`` exists is skipped
+if that summary was made with the same config (``workdir.summary_differences``; otherwise the run
+fails, naming the keys that differ, and the others go on), a killed or failed run resumes from its
+checkpoints on the next invocation, and one run's failure does not stop the others. After each run
+finished by this invocation its ``summary.json`` and ``results.md`` are copied to
+``--summaries/<name>/`` (a skipped run's kept copy is left as it is, or made if missing). At the
+end the comparison table of the selected finished runs is written to ``<workdir>/results.md`` and
+printed, and ``--summaries/results.md`` gets one row per kept summary there, labelled by run name,
+so a sweep of a few runs does not drop the others.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import time
 from absl import app, flags
 
 from experiments import evaluate
+from experiments import workdir as workdir_lib
 from experiments.reporting import compare
 
 FLAGS = flags.FLAGS
@@ -64,6 +67,44 @@ def kept_runs(summaries: str | pathlib.Path) -> list[pathlib.Path]:
     return sorted(p.parent for p in pathlib.Path(summaries).glob("*/summary.json"))
 
 
+def resolve_config(config: str, extra: list[str]):
+    """The config ``experiments.main --config=<config> <extra>`` would run (parsed here, with
+    the same flag library, without running anything)."""
+    from ml_collections import config_flags
+
+    argv = ["sweep", f"--config={config}", *[a for a in extra if a.startswith("--config.")]]
+    values = flags.FlagValues()
+    # sys_argv: the flag finds its overrides there (not in this process's own command line).
+    config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                    sys_argv=argv)
+    values(argv)
+    resolved = values.config
+    from experiments import train  # as main does: --config.stages=prune,finetune is two stages
+
+    resolved.stages = train.split_stages(resolved.stages)
+    return resolved
+
+
+def mismatch(summary_file: pathlib.Path, config: str, extra: list[str]) -> str | None:
+    """Why the kept ``summary_file`` does not stand for the run ``config`` + ``extra`` (the keys
+    that differ), or ``None`` when it does."""
+    import json
+
+    from experiments.configs import base
+
+    kept = base.from_summary(json.loads(summary_file.read_text())["config"]).to_dict()
+    diff = workdir_lib.summary_differences(kept, resolve_config(config, extra).to_dict())
+    if not diff:
+        return None
+    return "; ".join(f"{k}: kept {a!r}, planned {b!r}" for k, (a, b) in list(diff.items())[:8]) + (
+        f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
+
+
+class KeptMismatchError(RuntimeError):
+    """A finished or kept summary was made with another config than the run planned under its
+    name."""
+
+
 def run_all(runs: list[tuple[str, str, list[str]]], root: pathlib.Path,
             summaries: str | None, train_only: frozenset[str] = frozenset()) -> list[str]:
     """Runs ``(name, config, extra_flags)`` in order (see the module docstring); returns the
@@ -78,6 +119,12 @@ def run_all(runs: list[tuple[str, str, list[str]]], root: pathlib.Path,
     for name, config, extra in runs:
         workdir = root / name
         skipped = name not in train_only and (workdir / "summary.json").exists()
+        why = skipped and mismatch(workdir / "summary.json", config, extra)
+        if why:
+            print(f"{name}: FAILED: its finished summary in {workdir} was made with another "
+                  f"config ({why}); use another --workdir or delete {workdir}", flush=True)
+            failed.append(name)
+            continue
         if skipped:
             print(f"{name}: finished earlier, skipped", flush=True)
         else:

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import tensorboardX
 
@@ -37,7 +38,7 @@ import tscnc_jax as tj
 from experiments import checkpoints
 from experiments import data as data_lib
 from experiments import workdir as workdir_lib
-from tscnc_jax import training
+from tscnc_jax import parallel, training
 from tscnc_jax._progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,13 @@ def _path_is(target: str, path: str, leaf: Any) -> bool:
 
 
 def _make_model(config):
-    return tj.create_model(config.model.name, num_classes=config.num_classes,
-                           **config.model.kwargs.to_dict())
+    """The config's model, its BatchNorm (if any) synchronised over the data-parallel axis."""
+    model = tj.create_model(config.model.name, num_classes=config.num_classes,
+                            dtype=config.model.dtype, conv_impl=config.model.conv_impl,
+                            **config.model.kwargs.to_dict())
+    if "bn_axis_name" in type(model).__dataclass_fields__:
+        model = model.clone(bn_axis_name=parallel.BATCH_AXIS)
+    return model
 
 
 def _attack(config):
@@ -131,6 +137,16 @@ def validate(config) -> None:
         raise ValueError(f"config.prune.method must be 'hydra', 'lwm', 'global' or 'random', got "
                          f"{config.prune.method!r}.")
     tj.pruning.check_sparsity(config.prune.sparsity, "config.prune.sparsity")
+    choices = {"model.dtype": tuple(tj.models.DTYPES), "model.conv_impl": tj.models.CONV_IMPLS,
+               "cnc.estimator": ("exact", "tracked")}
+    for key, allowed in choices.items():
+        section, name = key.split(".")
+        if config[section][name] not in allowed:
+            raise ValueError(f"config.{key} must be one of {allowed}, got "
+                             f"{config[section][name]!r}.")
+    if config.cnc.estimator == "tracked" and config.cnc.form != "smooth":
+        raise ValueError(f"config.cnc.estimator='tracked' has the smooth form only; "
+                         f"config.cnc.form={config.cnc.form!r}.")
     _validate_counts(config)
     order = [s for s in STAGES if s in config.stages]
     if list(config.stages) != order or STAGES[STAGES.index(order[0]):][:len(order)] != tuple(
@@ -157,7 +173,8 @@ def _validate_counts(config) -> None:
     """Every count and size the stages of ``config.stages`` use, before any data is loaded."""
     runs = set(config.stages)
     at_least = {"batch_size": 1, "log_every": 1, "eval.num_val": 1, "eval.pgd_steps": 1,
-                "eval.num_standard": 0, "eval.num_lipschitz": 0, "data.num_val": 1,
+                "eval.num_standard": 0, "eval.num_lipschitz": 0, "eval.chunk": 0,
+                "data.num_val": 1,
                 "data.num_train": 0}
     if "dense" in runs:
         at_least["dense.epochs"] = 1
@@ -179,6 +196,35 @@ def _validate_counts(config) -> None:
             raise ValueError(f"config.{key} must be an integer >= {low}, got {node!r}.")
 
 
+def _is_main() -> bool:
+    """Whether this process writes the run's files (logs, checkpoints' digests, summaries)."""
+    return jax.process_index() == 0
+
+
+def _check_finite(stage: str, pending: list, steps_per_epoch: int) -> None:
+    """Raises :class:`NonFiniteError` for the first of the ``pending`` ``(step, metrics)`` whose
+    step was not finite (one device-to-host transfer for all of them)."""
+    if not pending:
+        return
+    flags = jax.device_get([m["finite"] for _, m in pending])
+    bad = next((i for i, f in enumerate(flags) if float(f) != 1.0), None)
+    if bad is None:
+        return
+    global_step, metrics = pending[bad]
+    host = _host(metrics)
+    terms = sorted(k for k, v in host.items() if not math.isfinite(v))
+    what = ", ".join(terms) + " = " + str({k: host[k] for k in terms}) if terms else (
+        "the updated parameters (loss and gradients finite)" if not host["update_finite"]
+        else "gradients")
+    epoch, index = divmod(global_step, steps_per_epoch)
+    later = pending[-1][0] - global_step
+    after = f" ({later} later step(s) ran before the check)" if later else ""
+    raise NonFiniteError(
+        f"{stage}: non-finite values at step {global_step} (epoch {epoch}, batch {index}): "
+        f"{what}; that step left the state unchanged{after}, and the last checkpoint holds an "
+        f"earlier state. Lower the learning rate or the penalty weights.")
+
+
 def _run_loop(
     stage: str,
     *,
@@ -189,8 +235,15 @@ def _run_loop(
     eval_fn,
     data: data_lib.Dataset,
     epochs: int,
+    mesh,
 ) -> tj.TrainState:
-    """Trains ``state`` for ``epochs`` epochs with checkpoints, logging and resume."""
+    """Trains ``state`` for ``epochs`` epochs with checkpoints, logging and resume.
+
+    Every process runs this loop on its own rows of each global batch; the step is
+    data-parallel over ``mesh`` and returns the replicated state. Finiteness is checked on the
+    host only every ``config.log_every`` steps and before every checkpoint (no per-step
+    device-to-host transfer); the error names the first bad step. Only process 0 writes logs.
+    """
     stage_dir = workdir / stage
     mgr = checkpoints.manager(stage_dir / "checkpoints", max_to_keep=2)
     best_mgr = checkpoints.manager(stage_dir / "best", max_to_keep=1)
@@ -198,6 +251,7 @@ def _run_loop(
     if restored is not None:
         log.info("%s: resuming from step %d", stage, int(restored.step))
         state = restored
+    state = parallel.replicate(state, mesh)
     n_train = data.train_images.shape[0]
     steps_per_epoch = n_train // config.batch_size
     if steps_per_epoch < 1:
@@ -205,68 +259,78 @@ def _run_loop(
                          f"examples.")
     total = epochs * steps_per_epoch
     start = int(state.step)
+    main = _is_main()
     metrics_path = workdir / "metrics.jsonl"
-    # Steps after the checkpoint resumed from were logged by the killed run and are replayed now:
-    # each step is logged once (the TensorBoard writer below purges them likewise).
-    workdir_lib.truncate_jsonl(metrics_path,
-                               lambda r: r.get("stage") == stage and r.get("step", 0) > start)
+    if main:
+        # Steps after the checkpoint resumed from were logged by the killed run and are
+        # replayed now: each step is logged once (TensorBoard's purge_step likewise).
+        workdir_lib.truncate_jsonl(
+            metrics_path, lambda r: r.get("stage") == stage and r.get("step", 0) > start)
     best_path = stage_dir / "best_val.json"
     best_val = json.loads(best_path.read_text())["robust_acc"] if best_path.exists() else -math.inf
-    progress = progress_bar(total, desc=stage, unit="step", enabled=config.progress,
+    progress = progress_bar(total, desc=stage, unit="step", enabled=config.progress and main,
                             initial=start)
     tb = tensorboardX.SummaryWriter(str(workdir / "tensorboard" / stage),
-                                    purge_step=start + 1 if start else None)
-    batches = None
-    for global_step in range(start, total):
-        epoch, index = divmod(global_step, steps_per_epoch)
-        if batches is None or index == 0:
-            batches = data_lib.iterate_batches(
-                data.train_images, data.train_labels, config.batch_size, seed=config.seed,
-                epoch=epoch, shuffle=True, augment=config.augment, flip=data.horizontal_flip,
-                start_batch=index)
-        batch = next(batches)
-        state, metrics = step_fn(state, batch)
-        finite = float(metrics["finite"])
-        if finite != 1.0:
-            host = _host(metrics)
-            bad = sorted(k for k, v in host.items() if not math.isfinite(v))
-            terms = ", ".join(bad) + " = " + str({k: host[k] for k in bad}) if bad else (
-                "the updated parameters (loss and gradients finite)" if not host["update_finite"]
-                else "gradients")
-            raise NonFiniteError(
-                f"{stage}: non-finite values at step {global_step} (epoch {epoch}, batch "
-                f"{index}): {terms}; the state was not updated, the last checkpoint holds the "
-                f"state before. Lower the learning rate or the penalty weights.")
-        progress.update(1)
-        if (global_step + 1) % config.log_every == 0:
-            host = _host(metrics)
-            workdir_lib.append_jsonl(metrics_path, {"stage": stage, "step": global_step + 1,
-                                                    "epoch": epoch, **host})
-            for k, v in host.items():
-                tb.add_scalar(f"{stage}/train/{k}", v, global_step + 1)
-            progress.set_postfix(loss=f"{host['loss']:.3f}", adv=f"{host['adv_acc']:.2f}")
-        if (global_step + 1) % steps_per_epoch == 0:
-            val = eval_fn(state)
-            workdir_lib.append_jsonl(metrics_path, {
-                "stage": stage, "step": global_step + 1, "epoch": epoch + 1,
-                **{f"val_{k}": v for k, v in val.items()}})
-            for k, v in val.items():
-                tb.add_scalar(f"{stage}/val/{k}", v, global_step + 1)
-            tb.flush()  # what a resume from this epoch's checkpoint will not log again
-            # The best state before the epoch's checkpoint: a run killed in between replays the
-            # epoch (the same state again) and finds its best already saved.
-            if val["robust_acc"] > best_val:
-                best_val = val["robust_acc"]
-                checkpoints.save(best_mgr, global_step + 1, state)
-                workdir_lib.write_atomic(best_path, json.dumps({"step": global_step + 1, **val}))
-            checkpoints.save(mgr, global_step + 1, state)
+                                    purge_step=start + 1 if start else None) if main else None
+    rows = parallel.local_rows(config.batch_size, mesh)
+    pending = []  # (step, device metrics) not yet checked for finiteness
+    for epoch in range(start // steps_per_epoch, epochs):
+        first = start - epoch * steps_per_epoch if epoch == start // steps_per_epoch else 0
+        batches = parallel.prefetch(data_lib.iterate_batches(
+            data.train_images, data.train_labels, config.batch_size, seed=config.seed,
+            epoch=epoch, shuffle=True, augment=config.augment, flip=data.horizontal_flip,
+            start_batch=first, rows=rows), mesh)
+        for index, batch in enumerate(batches, start=first):
+            global_step = epoch * steps_per_epoch + index
+            state, metrics = step_fn(state, batch)
+            pending.append((global_step, metrics))
+            progress.update(1)
+            last_of_epoch = index + 1 == steps_per_epoch
+            if (global_step + 1) % config.log_every and not last_of_epoch:
+                continue
+            _check_finite(stage, pending, steps_per_epoch)
+            pending = []
+            if (global_step + 1) % config.log_every == 0:
+                host = _host(metrics)
+                if main:
+                    workdir_lib.append_jsonl(metrics_path, {
+                        "stage": stage, "step": global_step + 1, "epoch": epoch, **host})
+                    for k, v in host.items():
+                        tb.add_scalar(f"{stage}/train/{k}", v, global_step + 1)
+                progress.set_postfix(loss=f"{host['loss']:.3f}", adv=f"{host['adv_acc']:.2f}")
+            if last_of_epoch:
+                best_val = _end_of_epoch(stage, global_step + 1, epoch, state, eval_fn, best_val,
+                                         mgr=mgr, best_mgr=best_mgr, best_path=best_path,
+                                         metrics_path=metrics_path, tb=tb)
     progress.close()
-    tb.close()
+    if tb is not None:
+        tb.close()
     if config.eval.checkpoint == "best" and best_path.exists():
         best = checkpoints.restore_latest(best_mgr, state)
         log.info("%s: handing on the best validation state (step %d)", stage, int(best.step))
-        return best
+        return parallel.replicate(best, mesh)
     return state
+
+
+def _end_of_epoch(stage, step, epoch, state, eval_fn, best_val, *, mgr, best_mgr, best_path,
+                  metrics_path, tb) -> float:
+    """Validation, its logs, the best-on-validation state and the epoch's checkpoint."""
+    val = eval_fn(state)
+    if tb is not None:
+        workdir_lib.append_jsonl(metrics_path, {"stage": stage, "step": step, "epoch": epoch + 1,
+                                                **{f"val_{k}": v for k, v in val.items()}})
+        for k, v in val.items():
+            tb.add_scalar(f"{stage}/val/{k}", v, step)
+        tb.flush()  # what a resume from this epoch's checkpoint will not log again
+    # The best state before the epoch's checkpoint: a run killed in between replays the epoch
+    # (the same state again) and finds its best already saved.
+    if val["robust_acc"] > best_val:
+        best_val = val["robust_acc"]
+        checkpoints.save(best_mgr, step, state)
+        if _is_main():
+            workdir_lib.write_atomic(best_path, json.dumps({"step": step, **val}))
+    checkpoints.save(mgr, step, state)
+    return best_val
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,23 +356,40 @@ def _save_final(workdir: pathlib.Path, stage: str, state: tj.TrainState) -> None
     checkpoints.save(mgr, int(state.step), state)
 
 
-def _make_eval_fn(config, model, data, *, mode="dense", sparsity=None, scope="layer",
+def _make_eval_fn(config, model, data, mesh, *, mode="dense", sparsity=None, scope="layer",
                   use_ema=True):
-    evaluate = jax.jit(training.make_eval_step(model, use_ema=use_ema, attack=eval_attack(config),
-                                               mode=mode, sparsity=sparsity, scope=scope))
+    """Validation robust and clean accuracy, data-parallel over ``mesh`` (each process attacks
+    its rows of every batch; the sums are reduced over all devices)."""
+    evaluate = parallel.data_parallel(training.make_eval_step(
+        model, use_ema=use_ema, attack=eval_attack(config), mode=mode, sparsity=sparsity,
+        scope=scope, axis_name=parallel.BATCH_AXIS), mesh=mesh)
     n = min(config.eval.num_val, data.val_images.shape[0])
     x, y = data.val_images[:n], data.val_labels[:n]
+    devices = mesh.devices.size
 
     def eval_fn(state):
         sums = None
         for batch in data_lib.iterate_batches(x, y, config.batch_size, seed=0, epoch=0,
                                               shuffle=False, drop_remainder=False):
-            out = jax.device_get(evaluate(state, batch))
+            batch = _padded(batch, devices)
+            rows = parallel.local_rows(batch["label"].shape[0], mesh)
+            out = jax.device_get(evaluate(state, {k: v[rows] for k, v in batch.items()}))
             sums = out if sums is None else {k: sums[k] + out[k] for k in out}
         return {"clean_acc": float(sums["clean_correct"] / sums["count"]),
                 "robust_acc": float(sums["adv_correct"] / sums["count"])}
 
     return eval_fn
+
+
+def _padded(batch: dict, multiple: int) -> dict:
+    """``batch`` with its rows padded (repeating the last) to a multiple of ``multiple``, and
+    ``"mask"``: 1 for the real rows, 0 for the padding."""
+    n = batch["label"].shape[0]
+    pad = -n % multiple
+    out = {k: np.concatenate([v, np.repeat(v[-1:], pad, axis=0)]) if pad else v
+           for k, v in batch.items()}
+    out["mask"] = (np.arange(n + pad) < n).astype(np.float32)
+    return out
 
 
 def _steps(config, stage_config, data) -> int:
@@ -337,26 +418,37 @@ def _finished(source: pathlib.Path, stage: str, template, *, optimizer: bool = T
     return done
 
 
-def _train_stage(stage, config, workdir, model, data, state, tx, epochs) -> tj.TrainState:
+def _data_parallel_step(config, model, tx, mesh, **mode):
+    """The training step of ``config``, data-parallel over ``mesh`` (buffers donated on
+    accelerators, where memory counts)."""
+    step = training.make_train_step(model, tx, loss=config.loss, attack=_attack(config),
+                                    beta=config.beta, axis_name=parallel.BATCH_AXIS, **mode)
+    return parallel.data_parallel(step, mesh=mesh,
+                                  donate_state=jax.default_backend() != "cpu")
+
+
+def _train_stage(stage, config, workdir, model, data, state, tx, epochs, mesh) -> tj.TrainState:
     """A weight-training stage (dense or fine-tuning): its final state when finished, else
     trains ``state`` (resuming) and saves it as the stage's final state."""
     done = _load_final(workdir, stage, state)
     if done is not None:
         return done
-    step_fn = jax.jit(training.make_train_step(model, tx, loss=config.loss, attack=_attack(config),
-                                               beta=config.beta, ema_decay=config.ema_decay))
+    step_fn = _data_parallel_step(config, model, tx, mesh, ema_decay=config.ema_decay)
     state = _run_loop(stage, config=config, workdir=workdir, state=state, step_fn=step_fn,
-                      eval_fn=_make_eval_fn(config, model, data), data=data, epochs=epochs)
+                      eval_fn=_make_eval_fn(config, model, data, mesh), data=data,
+                      epochs=epochs, mesh=mesh)
     _save_final(workdir, stage, state)
     return state
 
 
-def _dense_stage(config, workdir, model, data) -> tj.TrainState:
+def _dense_stage(config, workdir, model, data, mesh) -> tj.TrainState:
     state, tx = _dense_initial_state(config, model, data)
-    return _train_stage("dense", config, workdir, model, data, state, tx, config.dense.epochs)
+    return _train_stage("dense", config, workdir, model, data, state, tx, config.dense.epochs,
+                        mesh)
 
 
-def _prune_stage(config, workdir, model, data, dense: tj.TrainState, *, run: bool = True):
+def _prune_stage(config, workdir, model, data, dense: tj.TrainState, mesh, *,
+                 run: bool = True):
     """Returns (params, batch_stats, masks) of the pruned network.
 
     With ``run=False`` a HYDRA score stage must already be finished in ``workdir``.
@@ -378,25 +470,25 @@ def _prune_stage(config, workdir, model, data, dense: tj.TrainState, *, run: boo
                                         batch_stats=dense.batch_stats, scores=scores)
     done = _load_final(workdir, "prune", state) if run else _finished(workdir, "prune", state)
     if done is None:
-        step_fn = jax.jit(training.make_train_step(
-            model, tx, loss=config.loss, attack=_attack(config), beta=config.beta,
-            ema_decay=None, mode="scores", sparsity=c.sparsity, scope=c.scope))
-        eval_fn = _make_eval_fn(config, model, data, mode="scores", sparsity=c.sparsity,
+        step_fn = _data_parallel_step(config, model, tx, mesh, ema_decay=None, mode="scores",
+                                      sparsity=c.sparsity, scope=c.scope)
+        eval_fn = _make_eval_fn(config, model, data, mesh, mode="scores", sparsity=c.sparsity,
                                 scope=c.scope)
         done = _run_loop("prune", config=config, workdir=workdir, state=state, step_fn=step_fn,
-                         eval_fn=eval_fn, data=data, epochs=c.epochs)
+                         eval_fn=eval_fn, data=data, epochs=c.epochs, mesh=mesh)
         _save_final(workdir, "prune", done)
     masks = tj.scores_to_masks(done.scores, c.sparsity, scope=c.scope)
     return done.params, done.batch_stats, masks
 
 
-def _finetune_stage(config, workdir, model, data, params, batch_stats, masks) -> tj.TrainState:
+def _finetune_stage(config, workdir, model, data, params, batch_stats, masks,
+                    mesh) -> tj.TrainState:
     tx = _make_tx(config, config.finetune, params, _steps(config, config.finetune, data), masks)
     state = training.create_train_state(model, tx, jax.random.key(config.seed + 4),
                                         data.train_images.shape[1:], params=params,
                                         batch_stats=batch_stats, masks=masks)
     return _train_stage("finetune", config, workdir, model, data, state, tx,
-                        config.finetune.epochs)
+                        config.finetune.epochs, mesh)
 
 
 class Trained(NamedTuple):
@@ -433,11 +525,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     dirs = _stage_dirs(config, workdir)
+    mesh = parallel.make_mesh()
+    if config.batch_size % mesh.devices.size:
+        raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                         f"{mesh.devices.size} devices the run is data-parallel over.")
     data = data_lib.load_for_config(config)
     model = _make_model(config)
     stages = config.stages
     if "dense" in stages:
-        state = _dense_stage(config, workdir, model, data)
+        state = _dense_stage(config, workdir, model, data, mesh)
     else:
         # Pruning starts from the dense weights alone, so the dense stage may come from a run
         # whose optimizer (its penalties) differs from this config's dense one.
@@ -447,11 +543,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Tra
     if "prune" in stages or "finetune" in stages:
         dense = state
         params, batch_stats, masks = _prune_stage(
-            config, dirs["prune"], model, data, state, run="prune" in stages)
+            config, dirs["prune"], model, data, state, mesh, run="prune" in stages)
         state = state._replace(params=tj.apply_masks(params, masks),
                                ema_params=tj.apply_masks(params, masks), batch_stats=batch_stats)
         if "finetune" in stages:
-            state = _finetune_stage(config, workdir, model, data, params, batch_stats, masks)
+            state = _finetune_stage(config, workdir, model, data, params, batch_stats, masks,
+                                    mesh)
     return Trained(model, data, state, masks, dense)
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "append_jsonl",
     "check_config",
     "exclusive",
+    "summary_differences",
     "training_differences",
     "truncate_jsonl",
     "write_atomic",
@@ -110,9 +111,26 @@ CONFIG_FILE = "config.json"
 RESUMABLE_KEYS = (
     "stages", "progress", "plots", "log_every",
     "eval.final", "eval.num_test", "eval.num_standard", "eval.attacks", "eval.num_lipschitz",
-    "eval.lipschitz_steps",
+    "eval.lipschitz_steps", "eval.chunk",
     "data.manual_dir", "data.data_dir", "data.allow_download",
 )
+
+
+#: Keys added to the configs after runs were first recorded, each with the value every run
+#: recorded before it had in effect: a recorded config that lacks one equals a config that holds
+#: this value (so adding a key with its old behaviour as default never makes a resume, or a kept
+#: summary, count as another run).
+ADDED_KEYS = {
+    "data.split_seed": 0,
+    "gated_tsc.prior_keep": 0.7,
+    "model.dtype": "float32",
+    "model.conv_impl": "auto",
+    "cnc.estimator": "exact",
+    "cnc.k": 1,
+    "cnc.iterations": 2,
+    "cnc.resync_every": 100,
+    "eval.chunk": 0,
+}
 
 
 class ConfigMismatchError(ValueError):
@@ -131,20 +149,62 @@ def _flat(d: Mapping, prefix: str = "") -> dict[str, Any]:
 
 def training_differences(recorded: Mapping, config: Mapping) -> dict[str, tuple[Any, Any]]:
     """``{key: (recorded value, new value)}`` for the keys outside :data:`RESUMABLE_KEYS` that
-    differ between two config dicts (a key present in one only counts as different)."""
-    a, b = (json.loads(json.dumps(_flat(c), default=str)) for c in (recorded, config))
+    differ between two config dicts (a key present in one only counts as different, except a
+    key of :data:`ADDED_KEYS`, which a config without it holds at its old value, and the settings
+    of a penalty neither config uses)."""
+    a, b = (_comparable(c) for c in (recorded, config))
     resumable = lambda k: any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if not resumable(k) and a.get(k) != b.get(k)}
 
 
-def check_config(workdir: pathlib.Path, config: Mapping) -> None:
-    """Records ``config`` in ``<workdir>/config.json`` at a run's first start; on a resume,
-    raises :class:`ConfigMismatchError` naming every training key that differs."""
+#: Keys a kept summary may differ in from the run a sweep or study plans under its name, and
+#: still stand for that run: progress display, logging, plots and where data files are found.
+#: (Unlike a resume, the evaluation keys count: they decide what the summary holds.)
+SUMMARY_IGNORED_KEYS = ("progress", "plots", "log_every", "data.manual_dir", "data.data_dir",
+                        "data.allow_download")
+
+
+#: Each penalty's settings section and the per-stage weights that switch it on.
+_PENALTY_SECTIONS = {"cnc": "cnc_weight", "tsc": "tsc_weight", "gated_tsc": "gated_tsc_weight"}
+
+
+def _comparable(config: Mapping) -> dict[str, Any]:
+    """``config`` flattened (JSON values), with :data:`ADDED_KEYS` filled in and the settings of
+    a penalty that no stage uses (weight 0 in ``dense`` and ``finetune``) left out: they cannot
+    change the run."""
+    flat = {**ADDED_KEYS, **json.loads(json.dumps(_flat(config), default=str))}
+    for section, weight in _PENALTY_SECTIONS.items():
+        if all(not flat.get(f"{stage}.{weight}") for stage in ("dense", "finetune")):
+            flat = {k: v for k, v in flat.items() if not k.startswith(section + ".")}
+    return flat
+
+
+def summary_differences(summary_config: Mapping, config: Mapping) -> dict[str, tuple[Any, Any]]:
+    """``{key: (kept value, planned value)}`` for the keys in which a kept summary's config
+    differs from the config a sweep or study would run under the same name. ``init_dir`` counts
+    by the name of the run it points to (the same plan under another ``--workdir`` keeps its
+    summaries); keys of :data:`ADDED_KEYS` as in :func:`training_differences`."""
+    a, b = (_comparable(c) for c in (summary_config, config))
+    for d in (a, b):
+        if d.get("init_dir"):
+            d["init_dir"] = pathlib.PurePath(str(d["init_dir"])).name
+        if "stages" in d:  # ("prune,finetune",) from a command line is ("prune", "finetune")
+            d["stages"] = [x.strip() for item in d["stages"] for x in str(item).split(",")]
+    ignored = lambda k: any(k == r or k.startswith(r + ".") for r in SUMMARY_IGNORED_KEYS)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if not ignored(k) and a.get(k) != b.get(k)}
+
+
+def check_config(workdir: pathlib.Path, config: Mapping, *, record: bool = True) -> None:
+    """Records ``config`` in ``<workdir>/config.json`` at a run's first start (``record``: the
+    process that writes the run's files); on a resume, raises :class:`ConfigMismatchError`
+    naming every training key that differs."""
     path = workdir / CONFIG_FILE
     if not path.exists():
-        workdir.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(dict(config), indent=2, default=str))
+        if record:
+            workdir.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, json.dumps(dict(config), indent=2, default=str))
         return
     diff = training_differences(json.loads(path.read_text()), config)
     if diff:

@@ -21,7 +21,7 @@ import numpy as np
 import tscnc_jax as tj
 from tscnc_jax import models, parallel, training
 
-AXIS = "batch"
+AXIS = parallel.BATCH_AXIS
 STEPS = 5
 SPARSITY = 0.9
 LOSS = os.environ.get("CHECK_LOSS", "trades")
@@ -64,15 +64,7 @@ def main() -> None:
                                         axis_name=None if backend is None else AXIS)
         if backend is None:
             return jax.jit(step)
-        fn = parallel.data_parallel(step, axis_name=AXIS, backend=backend)
-        if backend == "shard_map":
-            return fn
-
-        def replicated(state, batch):
-            state, metrics = fn(parallel.replicate(state, n), batch)
-            return jax.device_get((parallel.unreplicate(state), parallel.unreplicate(metrics)))
-
-        return replicated
+        return parallel.data_parallel(step)
 
     # The single-device trajectory, then each backend's step from every state on it: one step
     # at a time, because the attacks step along sign(gradient), and along a trajectory a
@@ -86,7 +78,7 @@ def main() -> None:
         ref.append(jax.device_get(metrics))
     out = {"devices": n}
     trees = ("params", "batch_stats", "ema_params")
-    for backend in ("shard_map", "pmap"):
+    for backend in ("shard_map",):
         fn = stepper(backend)
         diff = metric_diff = 0.0
         for t, batch in enumerate(batches):

@@ -1,19 +1,19 @@
-"""Data parallelism: single device vs 2 and 4 fake CPU devices, pmap and shard_map.
+"""Data parallelism: single device vs 2 and 4 fake CPU devices through the one shard_map path.
 
 Each multi-device run happens in a fresh subprocess (the device count is fixed when JAX starts),
-with the flags of :func:`tscnc_jax.parallel.cpu_multi_device_flags` and a hard timeout, so that a
-hang would fail the test instead of stalling the suite.
+with the flags of :func:`tscnc_jax.parallel.cpu_multi_device_flags` and a stall limit
+(``tests/stall.py``), so that a hang fails the test instead of stalling the suite.
 """
 
 import json
 import os
 import pathlib
-import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+import stall
 
 from tscnc_jax import parallel
 
@@ -25,8 +25,7 @@ def _run_check(num_devices: int) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = parallel.cpu_multi_device_flags(num_devices)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+    proc = stall.run([sys.executable, str(SCRIPT)], env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -36,7 +35,7 @@ def _run_check(num_devices: int) -> dict:
 def test_multi_device_equals_single_device(num_devices):
     out = _run_check(num_devices)
     assert out["devices"] == num_devices
-    for backend in ("shard_map", "pmap"):
+    for backend in ("shard_map",):
         # Same params, BatchNorm statistics and EMA after 5 TRADES steps with BN, TSCNC
         # penalties and 90 % pruning masks, up to float32 reduction order.
         assert out[backend]["max_abs_diff"] < 1e-5, out
@@ -45,23 +44,29 @@ def test_multi_device_equals_single_device(num_devices):
         assert abs(out[backend]["mask_sparsity"] - 0.9) < 1e-3, out
 
 
-def test_split_batch_and_errors():
-    batch = {"image": np.zeros((8, 4, 4, 1)), "label": np.arange(8)}
-    split = parallel.split_batch(batch, 4)
-    assert split["image"].shape == (4, 2, 4, 4, 1)
-    np.testing.assert_array_equal(split["label"][1], [2, 3])
-    with pytest.raises(ValueError, match=r"\['label'\].*10.*not divisible by the 4 devices"):
-        parallel.split_batch({"label": np.arange(10)}, 4)
-    step = parallel.data_parallel(lambda s, b: (s, b["x"].sum()), devices=jax.devices()[:1])
+def test_rows_batches_and_errors():
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    assert parallel.local_rows(8, mesh) == slice(0, 8)  # one process holds every row
+    batch = parallel.shard_batch({"image": np.zeros((8, 4, 4, 1)), "label": np.arange(8)}, mesh)
+    assert batch["image"].shape == (8, 4, 4, 1)
+    assert batch["label"].sharding.spec == jax.sharding.PartitionSpec(parallel.BATCH_AXIS)
+    assert parallel.shard_batch(batch, mesh)["label"] is batch["label"]  # already placed
+    step = parallel.data_parallel(lambda s, b: (s, jax.lax.psum(b["x"].sum(), "batch")),
+                                  mesh=mesh)
     state, total = step({"w": np.ones(2)}, {"x": np.arange(6.0)})
-    assert float(total) == 15.0
-    with pytest.raises(ValueError, match="backend"):
-        parallel.data_parallel(lambda s, b: s, backend="xmap")
+    assert float(total) == 15.0 and state["w"].sharding.is_fully_replicated
+    with pytest.raises(ValueError, match="1-D mesh"):
+        parallel.data_parallel(lambda s, b: s, mesh=jax.sharding.Mesh(
+            np.asarray(jax.devices()[:1]).reshape(1, 1), ("a", "b")))
+    prefetched = list(parallel.prefetch([{"x": np.full(4, i)} for i in range(5)], mesh))
+    assert [int(b["x"][0]) for b in prefetched] == list(range(5))
 
 
-def test_replicate_roundtrip():
-    tree = {"a": np.arange(3.0), "b": np.float32(2.0)}
-    rep = parallel.replicate(tree, 3)
-    assert rep["a"].shape == (3, 3) and rep["b"].shape == (3,)
-    back = parallel.unreplicate(rep)
-    np.testing.assert_array_equal(back["a"], tree["a"])
+def test_replicate_keeps_values_and_keys():
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    tree = {"a": np.arange(3.0), "b": np.float32(2.0), "key": jax.random.key(7)}
+    rep = parallel.replicate(tree, mesh)
+    np.testing.assert_array_equal(rep["a"], tree["a"])
+    assert float(rep["b"]) == 2.0 and rep["a"].sharding.is_fully_replicated
+    np.testing.assert_array_equal(jax.random.key_data(rep["key"]),
+                                  jax.random.key_data(tree["key"]))

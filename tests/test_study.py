@@ -171,3 +171,37 @@ def test_smoke_study_subset_runs_and_keeps_summaries(tmp_path):
     # Finite live-part condition numbers are reported next to the (possibly infinite) full ones.
     assert set(pruned["live_kappa"]) == set(pruned["kappa"])
     assert all(v >= 1.0 for v in pruned["live_kappa"].values())
+
+
+def test_a_kept_summary_made_with_another_config_is_not_skipped(tmp_path, capsys, monkeypatch):
+    from experiments import sweep
+    from experiments import workdir as workdir_lib
+
+    monkeypatch.setattr(sweep.compare, "compare", lambda dirs, root: "")  # fake summaries below
+
+    config = "experiments/configs/hydra.py:smoke"
+    extra = ["--config.seed=3", "--config.stages=prune,finetune",
+             f"--config.init_dir={tmp_path / 'a' / 'dense_s3'}"]
+    planned = sweep.resolve_config(config, extra).to_dict()
+    assert planned["seed"] == 3 and planned["stages"] == ("prune", "finetune")
+    # The same run: init_dir under another root, stages as one comma-joined item, keys added to
+    # the configs since (at their old values), and a penalty no stage uses set differently.
+    same = json.loads(json.dumps(planned))
+    same.update(init_dir=str(tmp_path / "b" / "dense_s3"), stages=["prune,finetune"])
+    del same["model"]["dtype"], same["cnc"]["estimator"]
+    same["cnc"]["live"] = not planned["cnc"]["live"]
+    assert workdir_lib.summary_differences(same, planned) == {}
+    other = json.loads(json.dumps(planned))
+    other["prune"]["sparsity"], other["eval"]["num_standard"] = 0.5, 7
+    assert set(workdir_lib.summary_differences(other, planned)) == {
+        "prune.sparsity", "eval.num_standard"}  # evaluation keys count for a summary
+    # The sweep refuses to skip such a finished run (and launches nothing for it).
+    run = tmp_path / "runs" / "hydra_s3"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"config": other}))
+    assert sweep.run_all([("hydra_s3", config, extra)], tmp_path / "runs", None) == ["hydra_s3"]
+    out = capsys.readouterr().out
+    assert "hydra_s3: FAILED" in out and "prune.sparsity: kept 0.5, planned 0.99" in out
+    (run / "summary.json").write_text(json.dumps({"config": same}))
+    assert sweep.run_all([("hydra_s3", config, extra)], tmp_path / "runs", None) == []
+    assert "hydra_s3: finished earlier, skipped" in capsys.readouterr().out

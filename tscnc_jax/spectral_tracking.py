@@ -734,7 +734,7 @@ def add_tracked_condition_number_penalty(
     2. adds ``weight(count) * grad tracked_condition_number_penalty(params, vectors)``;
     3. stores the vectors, the unweighted value and ``count + 1``.
 
-    All state is arrays (the step compiles once and runs under ``pmap`` / ``shard_map`` with
+    All state is arrays (the step compiles once and runs under ``shard_map`` with
     replicated parameters). Inside :func:`tscnc_jax.sparsify` the penalty sees the pruned kernels.
     With :func:`optax.inject_hyperparams`, pass ``static_args=("k", "iterations",
     "resync_every", "filter_fn")``: those fix shapes and loop lengths.

@@ -1,8 +1,8 @@
 r"""Adversarial training: losses, the train state, and per-device train / eval steps.
 
-The step is written once, per device; :mod:`tscnc_jax.parallel` wraps it in ``jax.pmap`` or
-``jax.shard_map``. Everything that changes between runs is bound by the ``make_*`` factories
-(model, optimizer, attack, loss); the state is a pytree of arrays.
+The step is written once, per device; :func:`tscnc_jax.parallel.data_parallel` maps it over a
+device mesh (``jit`` of ``shard_map``). Everything that changes between runs is bound by the
+``make_*`` factories (model, optimizer, attack, loss); the state is a pytree of arrays.
 
 Objective (docs/method.md section 5)::
 
@@ -206,7 +206,12 @@ def make_optimizer(
     """SGD with TSCNC: ``chain(tscnc penalties, add_decayed_weights, sgd)``, optionally pruned.
 
     ``cnc_kwargs`` go to :func:`tscnc_jax.add_condition_number_penalty` (``temperature``,
-    ``delta``, ``form``, ``filter_fn``, ``reduce``), ``tsc_kwargs`` to
+    ``delta``, ``form``, ``filter_fn``, ``reduce``, ``live``), or, with
+    ``cnc_kwargs["estimator"] = "tracked"``, to the scalable
+    :func:`tscnc_jax.spectral_tracking.add_tracked_condition_number_penalty` (warm-started
+    singular vectors instead of an SVD per step; the smooth form only; its ``k``,
+    ``iterations`` and ``resync_every`` may be given too and are ignored by the exact
+    estimator, ``estimator="exact"`` being the default), ``tsc_kwargs`` to
     :func:`tscnc_jax.add_transformed_sparsity_penalty` (``a``, ``eps``, ``normalize``). A zero
     weight leaves the penalty out of the chain entirely (no SVD cost). With ``masks`` the whole
     chain is wrapped by :func:`tscnc_jax.sparsify` (fixed masks: fine-tuning of a pruned network;
@@ -225,7 +230,7 @@ def make_optimizer(
         parts.append(transforms.add_transformed_sparsity_penalty(tsc_weight,
                                                                  **(tsc_kwargs or {"a": 1.0})))
     if callable(cnc_weight) or cnc_weight != 0:
-        parts.append(transforms.add_condition_number_penalty(cnc_weight, **(cnc_kwargs or {})))
+        parts.append(_cnc_transform(cnc_weight, dict(cnc_kwargs or {})))
     if weight_decay:
         parts.append(optax.add_decayed_weights(weight_decay, mask=_not_gates))
     parts.append(optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov))
@@ -235,6 +240,27 @@ def make_optimizer(
     if masks is not None:
         tx = pruning.sparsify(tx, masks=masks)
     return tx
+
+
+#: Keyword arguments only the tracked CNC estimator takes, and only the exact one.
+_TRACKED_ONLY = ("k", "iterations", "resync_every")
+_EXACT_ONLY = ("form", "eps")
+
+
+def _cnc_transform(weight, kwargs: dict) -> optax.GradientTransformation:
+    estimator = kwargs.pop("estimator", "exact")
+    if estimator == "exact":
+        return transforms.add_condition_number_penalty(
+            weight, **{k: v for k, v in kwargs.items() if k not in _TRACKED_ONLY})
+    if estimator != "tracked":
+        raise ValueError(f"cnc estimator must be 'exact' or 'tracked', got {estimator!r}.")
+    if kwargs.get("form", "smooth") != "smooth":
+        raise ValueError(f"the tracked CNC estimator has the smooth form only, got "
+                         f"form={kwargs['form']!r}.")
+    from tscnc_jax import spectral_tracking  # it builds on this package's penalties
+
+    return spectral_tracking.add_tracked_condition_number_penalty(
+        weight, **{k: v for k, v in kwargs.items() if k not in _EXACT_ONLY})
 
 
 def _not_gates(params: PyTree) -> PyTree:
@@ -375,7 +401,8 @@ def make_train_step(
       sparsity: fraction of weights removed in ``"scores"`` mode.
       scope: ``"layer"`` (HYDRA: the same keep ratio per layer) or ``"global"`` top-k of the
         scores in ``"scores"`` mode (see :func:`tscnc_jax.scores_to_masks`).
-      axis_name: the mapped axis name when run under ``pmap`` / ``shard_map``: gradients,
+      axis_name: the mapped axis name when run under ``shard_map`` (``parallel.BATCH_AXIS``
+        with :func:`tscnc_jax.parallel.data_parallel`): gradients,
         BatchNorm statistics and metrics are averaged over it and the step's key is folded with
         the device index.
 
@@ -473,10 +500,14 @@ def make_eval_step(
     Returns ``{"count", "clean_correct", "clean_loss_sum"}`` and, with an ``attack``,
     ``"adv_correct"``. Evaluates the EMA parameters when ``use_ema`` (dense mode), the
     score-masked parameters in ``"scores"`` mode. With ``axis_name`` the sums are ``psum``-ed.
+    An optional ``batch["mask"]`` (``B``, 1 for a real example, 0 for padding) weights every
+    sum, so that a last batch padded to a multiple of the device count counts only its real
+    examples.
     """
 
     def step(state: TrainState, batch: dict) -> dict:
         x, y = batch["image"], batch["label"]
+        weight = batch.get("mask", jnp.ones(y.shape, jnp.float32)).astype(jnp.float32)
         if mode == "scores":
             masks = pruning.scores_to_masks(state.scores, sparsity, scope=scope)
             params = tree_utils.apply_masks(state.params, masks)
@@ -484,16 +515,17 @@ def make_eval_step(
             params = state.ema_params if use_ema else state.params
         logits_fn = _inference_logits(model, params, state.batch_stats)
         logits = logits_fn(x)
+        per_example = optax.softmax_cross_entropy_with_integer_labels(
+            logits.astype(jnp.float32), y)
         out = {
-            "count": jnp.asarray(y.shape[0], jnp.float32),
-            "clean_correct": jnp.sum(jnp.argmax(logits, -1) == y).astype(jnp.float32),
-            "clean_loss_sum": cross_entropy(logits, y) * y.shape[0],
+            "count": jnp.sum(weight),
+            "clean_correct": jnp.sum(weight * (jnp.argmax(logits, -1) == y)),
+            "clean_loss_sum": jnp.sum(weight * per_example),
         }
         if attack is not None:
             keys = _example_keys(jax.random.fold_in(state.rng, 2**31 - 1), y.shape[0], axis_name)
             x_adv = attack(logits_fn, x, y, keys)
-            out["adv_correct"] = jnp.sum(jnp.argmax(logits_fn(x_adv), -1) == y).astype(
-                jnp.float32)
+            out["adv_correct"] = jnp.sum(weight * (jnp.argmax(logits_fn(x_adv), -1) == y))
         if axis_name is not None:
             out = jax.lax.psum(out, axis_name)
         return out

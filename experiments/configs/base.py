@@ -88,6 +88,10 @@ def get_base_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.name = "small_cnn"
     c.model.kwargs = ml_collections.ConfigDict()
+    # Compute dtype (float32 | bfloat16; parameters, penalties and their SVDs stay float32) and
+    # layer kernels (auto: the XLA:CPU-tuned ones only where lowered for the CPU | cpu | xla).
+    c.model.dtype = "float32"
+    c.model.conv_impl = "auto"
 
     # Adversarial training (docs/method.md section 5).
     c.loss = "trades"  # clean | pgd_at | trades | mart
@@ -111,6 +115,12 @@ def get_base_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.cnc.eps = 1e-5  # the log-det form's determinant offset
     c.cnc.reduce = defaults.CNC_REDUCE
     c.cnc.live = True  # each kernel's live spectrum (a pruned kernel's structural zeros left out)
+    # exact: an SVD of every kernel per step | tracked: warm-started singular vectors
+    # (tscnc_jax.spectral_tracking, smooth form only; k, iterations, resync_every below).
+    c.cnc.estimator = "exact"
+    c.cnc.k = 1
+    c.cnc.iterations = 2
+    c.cnc.resync_every = 100
     c.cnc_layers = "all"  # which kernels the CNC sees: all | classifier (the authors' code)
     c.tsc = ml_collections.ConfigDict()
     c.tsc.a = defaults.TSC_A
@@ -173,6 +183,10 @@ def get_base_config(variant: str | None = None) -> ml_collections.ConfigDict:
     # the threat model's eps-ball: max over a PGD search of ||f(x') - f(x)||_2 / ||x' - x||_2.
     c.eval.num_lipschitz = 1000
     c.eval.lipschitz_steps = 20
+    # Test images per chunk of the final evaluation (each chunk with its own attack keys; the
+    # processes of a multi-process run share the chunks out). 0: one chunk per process. Give a
+    # size to make the numbers independent of the number of processes.
+    c.eval.chunk = 0
     c.eval.checkpoint = "final"  # final | best (best validation robust accuracy of the last stage)
     # False: train the stages and stop, without the test-set evaluation or a summary (a run
     # retrained only for the checkpoints other runs start from; see experiments.study).

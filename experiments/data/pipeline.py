@@ -46,14 +46,25 @@ def random_crop_flip(images: np.ndarray, rng: np.random.Generator, *, padding: i
     ``images``: ``(B, H, W, C)``, any dtype (returned in the same dtype). One offset pair per
     image, uniform in ``[0, 2 * padding]``; ``flip=False`` skips mirroring.
     """
-    b, h, w, _ = images.shape
+    return _crop_flip(images, _crop_flip_draws(rng, images.shape[0], padding, flip), padding)
+
+
+def _crop_flip_draws(rng: np.random.Generator, b: int, padding: int,
+                     flip: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The random draws of :func:`random_crop_flip` for a batch of ``b`` images."""
     p = int(padding)
-    padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
     dy = rng.integers(0, 2 * p + 1, b)
     dx = rng.integers(0, 2 * p + 1, b)
+    return dy, dx, (rng.random(b) < 0.5) if flip else None
+
+
+def _crop_flip(images: np.ndarray, draws, padding: int) -> np.ndarray:
+    b, h, w, _ = images.shape
+    dy, dx, mirrored = draws
+    p = int(padding)
+    padded = np.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
     cols = np.arange(w)
-    if flip:
-        mirrored = rng.random(b) < 0.5
+    if mirrored is not None:
         cols = np.where(mirrored[:, None], cols[::-1], cols)
     else:
         cols = np.broadcast_to(cols, (b, w))
@@ -65,7 +76,8 @@ def random_crop_flip(images: np.ndarray, rng: np.random.Generator, *, padding: i
 def iterate_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, seed: int = 0,
                     epoch: int = 0, shuffle: bool = True, augment: bool = False,
                     flip: bool = True, padding: int = 4, drop_remainder: bool = True,
-                    start_batch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+                    start_batch: int = 0,
+                    rows: slice | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Yields ``{"image": float32 NHWC in [0, 1], "label": int32}`` batches of one epoch.
 
     The order is :func:`epoch_permutation` ``(n, seed, epoch)`` (``shuffle=False``: the stored
@@ -75,6 +87,11 @@ def iterate_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, 
     computed, and the rest are identical to an uninterrupted epoch: resume at (epoch, batch).
     ``drop_remainder=False`` yields a final smaller batch. Pass ``flip=dataset.horizontal_flip``
     to follow the dataset's default (only CIFAR-10 flips).
+
+    ``rows`` (data-parallel runs: ``tscnc_jax.parallel.local_rows``) yields only those rows of
+    every batch, reading and augmenting only their images; they equal the same rows of the whole
+    batch (the augmentation draws are made for the whole batch), so any split of a global batch
+    over processes sees the examples of the single-process run.
     """
     images, labels = np.asarray(images), np.asarray(labels)
     if images.dtype != np.uint8 or images.ndim != 4:
@@ -88,8 +105,10 @@ def iterate_batches(images: np.ndarray, labels: np.ndarray, batch_size: int, *, 
     order = epoch_permutation(n, seed, epoch) if shuffle else np.arange(n)
     for i in range(start_batch, total):
         idx = order[i * batch_size:(i + 1) * batch_size]
-        x = images[idx]
+        mine = slice(None) if rows is None else rows
+        x = images[idx[mine]]
         if augment:
             rng = np.random.default_rng([AUGMENT_STREAM, check_seed(seed), check_seed(epoch), i])
-            x = random_crop_flip(x, rng, padding=padding, flip=flip)
-        yield {"image": x.astype(np.float32) / 255.0, "label": labels[idx].astype(np.int32)}
+            draws = _crop_flip_draws(rng, len(idx), padding, flip)
+            x = _crop_flip(x, tuple(None if d is None else d[mine] for d in draws), padding)
+        yield {"image": x.astype(np.float32) / 255.0, "label": labels[idx[mine]].astype(np.int32)}
