@@ -7,13 +7,16 @@ into its PyTorch twin (:func:`benchmarks.torch_twin.build_twin`), and both ensem
 settings, those of our ``fast`` version: APGD-CE (25 iterations, 1 restart, rho 0.75), APGD-T (25
 iterations, 3 target classes, 1 restart), Square (250 queries, p_init 0.8, rescaled schedule),
 each later attack run only on the examples the earlier ones left (torchattacks'
-``MultiAttack``). torchattacks 3.5.1 (``pip install --no-deps torchattacks==3.5.1``; a
-benchmark-only dependency, like torch) runs eagerly with PyTorch's default threads. Two
-workloads: at ``eps`` (APGD-CE breaks most examples) and at eps = 0 (nothing ever breaks, every
-attack runs its full budget: the cost on a model robust on every example). Images per second
-are medians over repeats, the two libraries interleaved in every repeat; robust accuracy is
-reported for both as a sanity check (they are different implementations with different random
-draws, so they need not agree exactly).
+``MultiAttack``). torchattacks' members are built from ours by name, FAB-T included
+(``FAB(multi_targeted=True)``) should a version with it be compared; ``fast`` has none (see
+:data:`tscnc_jax.attacks.AUTOATTACK_FAST`), :mod:`benchmarks.fab_twin` compares FAB-T alone.
+torchattacks 3.5.1 (``pip install --no-deps torchattacks==3.5.1``; a benchmark-only dependency,
+like torch) runs eagerly with PyTorch's default threads. Two workloads: at ``eps`` (APGD-CE
+breaks most examples) and at eps = 0 (nothing ever breaks, every attack runs its full budget: the
+cost on a model robust on every example). Images per second are medians over repeats, the two
+libraries interleaved in every repeat; robust accuracy is reported for both as a sanity check
+(they are different implementations with different random draws, so they need not agree
+exactly).
 """
 
 from __future__ import annotations
@@ -34,20 +37,37 @@ FAST = attacks.AUTOATTACK_FAST
 FLAGS = flags.FLAGS
 
 
+def _torchattacks_member(name: str, twin, eps: float):
+    """torchattacks' counterpart of our member ``name`` at the fast budgets."""
+    import torchattacks
+
+    if name == "apgd-ce":
+        return torchattacks.APGD(twin, eps=eps, steps=FAST.apgd_ce_steps, loss="ce",
+                                 n_restarts=FAST.apgd_ce_restarts, rho=FAST.rho)
+    if name == "apgd-t":
+        apgd_t = torchattacks.APGDT(twin, eps=eps, steps=FAST.apgd_t_steps,
+                                    n_restarts=FAST.apgd_t_restarts, rho=FAST.rho, n_classes=10)
+        apgd_t.n_target_classes = FAST.apgd_t_targets
+        return apgd_t
+    if name == "fab-t":
+        fab_t = torchattacks.FAB(twin, norm="Linf", eps=eps, steps=FAST.fab_t_steps,
+                                 n_restarts=FAST.fab_t_restarts, multi_targeted=True,
+                                 n_classes=10)
+        fab_t.n_target_classes = FAST.fab_t_targets
+        return fab_t
+    if name == "square":
+        return torchattacks.Square(twin, eps=eps, n_queries=FAST.square_queries,
+                                   p_init=FAST.square_p_init, n_restarts=FAST.square_restarts,
+                                   resc_schedule=FAST.square_rescale_schedule)
+    raise ValueError(f"no torchattacks counterpart for {name!r}")
+
+
 def _torchattacks_ensemble(twin, eps: float):
     import torchattacks
 
-    apgd_t = torchattacks.APGDT(twin, eps=eps, steps=FAST.apgd_t_steps,
-                                n_restarts=FAST.apgd_t_restarts, rho=FAST.rho, n_classes=10)
-    apgd_t.n_target_classes = FAST.apgd_t_targets
     return torchattacks.MultiAttack([
-        torchattacks.APGD(twin, eps=eps, steps=FAST.apgd_ce_steps, loss="ce",
-                          n_restarts=FAST.apgd_ce_restarts, rho=FAST.rho),
-        apgd_t,
-        torchattacks.Square(twin, eps=eps, n_queries=FAST.square_queries,
-                            p_init=FAST.square_p_init, n_restarts=FAST.square_restarts,
-                            resc_schedule=FAST.square_rescale_schedule),
-    ])
+        _torchattacks_member(name, twin, eps)
+        for name, _ in attacks.autoattack_members("fast", n_classes=10)])
 
 
 def compare(batch: int, repeats: int, eps: float, train_steps: int = 100) -> dict:
@@ -69,6 +89,10 @@ def compare(batch: int, repeats: int, eps: float, train_steps: int = 100) -> dic
 # Model passes per member at the fast budgets: (forward + input-gradient passes, forwards).
 _PASSES = {"apgd-ce": (FAST.apgd_ce_steps + 1, 0),
            "apgd-t": (FAST.apgd_t_targets * (FAST.apgd_t_steps + 1), 1),
+           # FAB-T: per target and iteration one forward + gradient and one forward; per target
+           # the clean forward of the run, plus the check of its result in the ball.
+           "fab-t": (FAST.fab_t_targets * FAST.fab_t_steps,
+                     FAST.fab_t_targets * (FAST.fab_t_steps + 2) + 1),
            "square": (0, FAST.square_queries + 1)}
 
 

@@ -9,8 +9,8 @@ and the spectral quantities they rest on, the pruning masks and the ``sparsify``
 training step and optimizer, the robustness evaluation, the models. The rest lives in
 sub-namespaces, as in optax:
 
-* :mod:`tscnc_jax.attacks`: FGSM, PGD, APGD(-T), Square, the AutoAttack-style ensemble, the
-  attack losses;
+* :mod:`tscnc_jax.attacks`: FGSM, PGD, APGD(-T), FAB(-T), Square, the AutoAttack-style
+  ensemble, the attack losses;
 * :mod:`tscnc_jax.pruning`: also the top-k engine and the schedules;
 * :mod:`tscnc_jax.sparsity`: transformed L1 and the hard-concrete gates;
 * :mod:`tscnc_jax.spectral_tracking`: the SVD-free CNC's internals;

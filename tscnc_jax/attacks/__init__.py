@@ -16,11 +16,18 @@ Conventions shared by all attacks:
 * Iterations run in ``lax.scan`` / ``lax.fori_loop`` / ``lax.while_loop``; bookkeeping is per
   example with ``jnp.where``. Each attack returns, per example, the best point it evaluated: a
   misclassified point if it found one (the one of highest loss), otherwise the point of highest
-  loss. Restarts only matter for points no restart has broken yet, and are skipped once the whole
-  batch is broken; an APGD or Square run also stops as soon as every example of the batch is
-  broken (nothing it could still find changes the robust accuracy).
+  loss. FAB, a minimum-norm attack, ranks by norm instead: the misclassified point of smallest
+  norm inside the ball, otherwise ``x`` itself. Restarts only matter for points no restart has
+  broken yet, and are skipped once the whole batch is broken; an APGD, FAB or Square run also stops
+  as soon as every example of the batch is broken (nothing it could still find changes the robust
+  accuracy).
 * ``logits_fn`` must treat examples independently (no batch statistics): gradients are taken of the
   sum of per-example losses.
+* Randomised models (randomised defences, test-time dropout, input noise) make their randomness
+  explicit: a :data:`StochasticLogitsFn` ``logits_fn(x, key)``, given a fresh key for every fresh
+  draw. APGD attacks one with ``stochastic=True`` and averages each gradient over ``eot_iter``
+  draws (Expectation over Transformation); :data:`AUTOATTACK_RAND` (``version="rand"``) is
+  AutoAttack's version for them. The other attacks take deterministic models only.
 * Argument checks: static arguments are checked eagerly (``ValueError`` naming the argument). The
   data checks (``x`` inside ``bounds``, labels in ``[0, n_classes)``, ``eps >= 0``) run when the
   values are concrete and are skipped under tracing;
@@ -41,7 +48,9 @@ References:
 * Goodfellow, Shlens, Szegedy 2015, "Explaining and harnessing adversarial examples" (FGSM).
 * Madry et al. 2018, "Towards deep learning models resistant to adversarial attacks" (PGD).
 * Croce and Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of diverse
-  parameter-free attacks", arXiv 2003.01690 (APGD, DLR loss, AutoAttack).
+  parameter-free attacks", arXiv 2003.01690 (APGD, DLR loss, AutoAttack, FAB-T).
+* Croce and Hein 2020, "Minimally distorted adversarial examples with a fast adaptive boundary
+  attack", arXiv 1907.02044 (FAB).
 * Andriushchenko, Croce, Flammarion, Hein 2020, "Square Attack: a query-efficient black-box
   adversarial attack via random search", arXiv 1912.00049.
 """
@@ -53,6 +62,7 @@ from tscnc_jax.attacks._common import (
     PGD_LOSSES,
     AttackFn,
     LogitsFn,
+    StochasticLogitsFn,
     check_bounds,
     check_eps,
     cross_entropy_loss,
@@ -60,13 +70,16 @@ from tscnc_jax.attacks._common import (
     kl_loss,
     margin_loss,
     perturbation_norm,
+    predict_under_draws,
     project,
 )
 from tscnc_jax.attacks.apgd import apgd, apgd_ce, apgd_checkpoints, apgd_t
 from tscnc_jax.attacks.autoattack import (
     ATTACKS,
+    AUTOATTACK_ALL_ATTACKS,
     AUTOATTACK_ATTACKS,
     AUTOATTACK_FAST,
+    AUTOATTACK_RAND,
     AUTOATTACK_STANDARD,
     AUTOATTACK_VERSIONS,
     AutoAttackConfig,
@@ -75,14 +88,23 @@ from tscnc_jax.attacks.autoattack import (
     autoattack_members,
     get_attack,
 )
+from tscnc_jax.attacks.fab import fab, fab_min_norm
 from tscnc_jax.attacks.pgd import fgsm, pgd, pgd_loss_curve
-from tscnc_jax.attacks.square import square, square_p_schedule
+from tscnc_jax.attacks.square import (
+    SquareState,
+    square,
+    square_init,
+    square_p_schedule,
+    square_steps,
+)
 
 __all__ = [
     "APGD_LOSSES",
     "ATTACKS",
+    "AUTOATTACK_ALL_ATTACKS",
     "AUTOATTACK_ATTACKS",
     "AUTOATTACK_FAST",
+    "AUTOATTACK_RAND",
     "AUTOATTACK_STANDARD",
     "AUTOATTACK_VERSIONS",
     "INITS",
@@ -92,6 +114,7 @@ __all__ = [
     "AutoAttackConfig",
     "AutoAttackResult",
     "LogitsFn",
+    "StochasticLogitsFn",
     "apgd",
     "apgd_ce",
     "apgd_checkpoints",
@@ -102,6 +125,8 @@ __all__ = [
     "check_eps",
     "cross_entropy_loss",
     "dlr_loss",
+    "fab",
+    "fab_min_norm",
     "fgsm",
     "get_attack",
     "kl_loss",
@@ -109,7 +134,11 @@ __all__ = [
     "perturbation_norm",
     "pgd",
     "pgd_loss_curve",
+    "predict_under_draws",
     "project",
+    "SquareState",
     "square",
+    "square_init",
     "square_p_schedule",
+    "square_steps",
 ]

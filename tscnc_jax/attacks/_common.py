@@ -15,6 +15,10 @@ import numpy as np
 from tscnc_jax._validation import check_choice, is_tracer
 
 LogitsFn = Callable[[jax.Array], jax.Array]
+# A randomised model (a randomised defence, dropout at test time, input noise) with its randomness
+# made explicit: ``logits_fn(x, key) -> logits``, a fresh ``key`` for every fresh draw. Attacks that
+# support it take ``stochastic=True`` (APGD: :func:`tscnc_jax.attacks.apgd`).
+StochasticLogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
 # An attack: ``attack(logits_fn, x, y, *, key, eps, norm, bounds) -> x_adv`` (other options bound,
 # e.g. with ``functools.partial(pgd, steps=20)``).
 AttackFn = Callable[..., jax.Array]
@@ -301,6 +305,69 @@ def make_value_and_grad(logits_fn, loss: str, y, clean_logits=None):
 
 def misclassified(logits: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.argmax(logits, axis=1) != y
+
+
+def make_eot_value_and_grad(logits_fn, loss: str, y, eot_iter: int, stochastic: bool):
+    """Expectation over Transformation (Athalye, Engstrom, Ilyas, Kwok 2018, "Synthesizing robust
+    adversarial examples"; AutoAttack's ``eot_iter``): ``vg(x_adv, target, key) -> (loss_B, adv_B,
+    grad)`` averaged over ``eot_iter`` forward/backward passes of a stochastic ``logits_fn(x,
+    key)``, pass ``j`` with the key ``fold_in(key, j)``.
+
+    ``loss_B`` and ``grad`` are the means over the passes; ``adv_B`` marks the examples that a
+    strict majority of the passes misclassify. (The reference, ``fra31/auto-attack``
+    ``autopgd_base.py``, averages the gradient the same way but keeps the loss and the prediction
+    of the last pass: the mean loss is a less noisy estimate of the expected loss that APGD's step
+    size control compares, and a majority keeps a run from stopping early on a point that a fresh
+    draw would most likely classify correctly.) With ``stochastic=False`` the model is called as
+    ``logits_fn(x)`` and ``key`` is ignored; every pass would be the same, so one pass is made.
+    """
+    if not stochastic:
+        base = make_value_and_grad(logits_fn, loss, y)
+
+        def vg_plain(x_adv, target=None, key=None):
+            del key
+            per_ex, logits, g = base(x_adv, target)
+            return per_ex, misclassified(logits, y), g
+
+        return vg_plain
+
+    def total(x_adv, target, k):
+        logits = logits_fn(x_adv, k)
+        per_ex = loss_value(loss, logits, y, target)
+        return jnp.sum(per_ex), (per_ex, logits)
+
+    grad_fn = jax.value_and_grad(total, has_aux=True)
+
+    def vg(x_adv, target=None, key=None):
+        def one(carry, j):
+            loss_sum, n_wrong, g_sum = carry
+            (_, (per_ex, logits)), g = grad_fn(x_adv, target, jax.random.fold_in(key, j))
+            return (
+                loss_sum + as_float(per_ex).astype(jnp.float32),
+                n_wrong + misclassified(logits, y).astype(jnp.int32),
+                g_sum + g,
+            ), None
+
+        b = x_adv.shape[0]
+        init = (jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.int32), jnp.zeros_like(x_adv))
+        (loss_sum, n_wrong, g_sum), _ = jax.lax.scan(one, init, jnp.arange(eot_iter))
+        return loss_sum / eot_iter, 2 * n_wrong > eot_iter, (g_sum / eot_iter).astype(x_adv.dtype)
+
+    return vg
+
+
+def predict_under_draws(logits_fn, x, y, key, n_draws: int) -> jax.Array:
+    """The class a stochastic ``logits_fn(x, key)`` is charged with over ``n_draws`` independent
+    draws (keys ``fold_in(key, d)``): ``y`` where every draw predicts ``y``, else the first other
+    class a draw predicts. ``predict_under_draws(...) == y`` is "correctly classified by every
+    draw", the criterion under which a randomised model counts as robust on a point."""
+    preds = jax.lax.map(
+        lambda d: jnp.argmax(logits_fn(x, jax.random.fold_in(key, d)), axis=-1).astype(y.dtype),
+        jnp.arange(n_draws),
+    )
+    wrong = preds != y[None]
+    first = jnp.argmax(wrong, axis=0)
+    return jnp.where(jnp.any(wrong, axis=0), jnp.take_along_axis(preds, first[None], 0)[0], y)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,8 +24,7 @@ from tscnc_jax.attacks._common import (
     check_x_init,
     empty_best,
     first_start,
-    make_value_and_grad,
-    misclassified,
+    make_eot_value_and_grad,
     project,
     run_restarts,
     update_best,
@@ -78,12 +77,18 @@ class _APGDState(NamedTuple):
     out: Best
 
 
-def _apgd_run(vg, x, y, x0, eps, norm, bounds, steps, rho, target):
-    """One APGD run from ``x0`` (Algorithm 1 of Croce and Hein 2020)."""
+def _apgd_run(vg, x, y, x0, eps, norm, bounds, steps, rho, target, k_model=None):
+    """One APGD run from ``x0`` (Algorithm 1 of Croce and Hein 2020). ``vg(x, target, key)``
+    returns ``(loss, misclassified, grad)``; a stochastic model's passes at iterate ``i`` (0: the
+    start) use keys derived from ``fold_in(k_model, i)``."""
     is_ckpt_np, window_np = apgd_checkpoints(steps)
     is_ckpt = jnp.asarray(is_ckpt_np)
     window = jnp.asarray(window_np)
-    loss0, logits0, g0 = vg(x0, target)
+
+    def model_key(i):
+        return None if k_model is None else jax.random.fold_in(k_model, i)
+
+    loss0, adv0, g0 = vg(x0, target, model_key(0))
     loss0 = loss0.astype(jnp.float32)
     b = x.shape[0]
     state = _APGDState(
@@ -98,7 +103,7 @@ def _apgd_run(vg, x, y, x0, eps, norm, bounds, steps, rho, target):
         n_increase=jnp.zeros((b,), jnp.int32),
         loss_best_ckpt=loss0,
         reduced_ckpt=jnp.ones((b,), jnp.bool_),
-        out=update_best(empty_best(x), x0, misclassified(logits0, y), loss0),
+        out=update_best(empty_best(x), x0, adv0, loss0),
     )
 
     def body(i, s: _APGDState) -> _APGDState:
@@ -112,9 +117,9 @@ def _apgd_run(vg, x, y, x0, eps, norm, bounds, steps, rho, target):
             norm,
             bounds,
         )
-        loss, logits, g = vg(x_new, target)
+        loss, adv, g = vg(x_new, target, model_key(i + 1))
         loss = loss.astype(jnp.float32)
-        out = update_best(s.out, x_new, misclassified(logits, y), loss)
+        out = update_best(s.out, x_new, adv, loss)
         n_increase = s.n_increase + (loss > s.loss_prev).astype(jnp.int32)
         improved = loss > s.loss_best
         imp_x = bcast(improved, x)
@@ -171,6 +176,8 @@ def apgd(
     n_target_classes: int | None = None,
     rho: float = 0.75,
     x_init: jax.Array | None = None,
+    eot_iter: int = 1,
+    stochastic: bool = False,
 ) -> jax.Array:
     """Auto-PGD (Croce and Hein 2020, arXiv 2003.01690), untargeted or targeted (APGD-T).
 
@@ -185,8 +192,22 @@ def apgd(
     With ``loss="dlr-targeted"`` (APGD-T) the attack runs once per target class (``restarts`` runs
     each): the 2nd, 3rd, ... ``(n_target_classes + 1)``-th highest clean logits.
 
+    A randomised model is attacked with ``stochastic=True``: ``logits_fn(x, key)`` takes the key
+    of its randomness, and every forward pass gets a fresh one. Each iterate's gradient is then
+    the mean over ``eot_iter`` passes (Expectation over Transformation, Athalye et al. 2018;
+    AutoAttack's "rand" version uses 20); see
+    :func:`tscnc_jax.attacks._common.make_eot_value_and_grad` for how the loss and the
+    misclassification of an iterate are scored. The starting points do not depend on
+    ``stochastic``: the runs use the keys ``fold_in(key, r)``, the model's draws keys derived from
+    ``fold_in(key, n_runs)``: run ``r``, iterate ``i`` (0: the start), pass ``j`` uses
+    ``fold_in(fold_in(fold_in(k, r), i), j)`` with ``k`` the second half of
+    ``split(fold_in(key, n_runs))``; APGD-T's clean logits average ``eot_iter`` draws keyed from
+    the first half. With ``stochastic=False`` (the default) ``eot_iter`` has no effect: every pass
+    of a deterministic model would be the same, and one is made.
+
     Args:
-      logits_fn: maps a batch ``x_Bx...`` to logits ``B x K``.
+      logits_fn: maps a batch ``x_Bx...`` to logits ``B x K``; with ``stochastic=True``,
+        ``logits_fn(x, key)``.
       x: clean inputs inside ``bounds``.
       y: integer labels ``B``.
       key: PRNG key for the starting points.
@@ -200,14 +221,19 @@ def apgd(
       rho: threshold of condition 1 (0.75).
       x_init: optional starting point of the first run (projected onto the ball and bounds);
         the other runs start at random on the sphere.
+      eot_iter: forward/backward passes averaged per gradient of a stochastic model (static).
+      stochastic: ``logits_fn`` is a randomised model ``logits_fn(x, key)``.
 
     Returns:
       Adversarial inputs, shape and dtype of ``x``: per example the first-found misclassified point
       of highest loss, else the highest-loss point of all runs.
     """
-    norm, lo, hi, n_classes = check_common(logits_fn, x, y, eps, norm, bounds)
+    stochastic = bool(stochastic)
+    shape_fn = (lambda z: logits_fn(z, key)) if stochastic else logits_fn
+    norm, lo, hi, n_classes = check_common(shape_fn, x, y, eps, norm, bounds)
     steps = check_int("steps", steps)
     restarts = check_int("restarts", restarts)
+    eot_iter = check_int("eot_iter", eot_iter)
     loss = check_choice("loss", loss, APGD_LOSSES)
     check_loss_classes(loss, n_classes)
     rho = float(rho)
@@ -215,8 +241,9 @@ def apgd(
         raise ValueError(f"`rho` must be in (0, 1); got {rho}.")
     bounds = (lo, hi)
     check_x_init(x_init, x)
-    vg = make_value_and_grad(logits_fn, loss, y)
+    vg = make_eot_value_and_grad(logits_fn, loss, y, eot_iter, stochastic)
 
+    n_runs = restarts
     if loss == "dlr-targeted":
         if n_target_classes is None:
             n_target_classes = min(9, n_classes - 1)
@@ -226,18 +253,30 @@ def apgd(
                 f"`n_target_classes` must be <= n_classes - 1 = {n_classes - 1}; "
                 f"got {n_target_classes}."
             )
-        clean_logits = jax.lax.stop_gradient(logits_fn(x))
+        n_runs = n_target_classes * restarts
+    # The model's draws: keys apart from the runs' fold_in(key, r), r < n_runs.
+    k_clean, k_model = (
+        jax.random.split(jax.random.fold_in(key, n_runs)) if stochastic else (None, None)
+    )
+
+    if loss == "dlr-targeted":
+        if stochastic:
+            clean_logits = jax.lax.map(
+                lambda j: logits_fn(x, jax.random.fold_in(k_clean, j)), jnp.arange(eot_iter)
+            ).mean(axis=0)
+        else:
+            clean_logits = logits_fn(x)
+        clean_logits = jax.lax.stop_gradient(clean_logits)
         # Targets: the 2nd, 3rd, ... highest clean logits.
         targets = jax.lax.top_k(clean_logits, n_target_classes + 1)[1][:, 1:].astype(y.dtype)
-        n_runs = n_target_classes * restarts
     else:
         targets = None
-        n_runs = restarts
 
     def run(k, r):
         target = None if targets is None else jnp.take(targets, r // restarts, axis=1)
         x0 = first_start(x_init, apgd_start(k, x, eps, norm, bounds), r, x, eps, norm, bounds)
-        return _apgd_run(vg, x, y, x0, eps, norm, bounds, steps, rho, target)
+        k_run = None if k_model is None else jax.random.fold_in(k_model, r)
+        return _apgd_run(vg, x, y, x0, eps, norm, bounds, steps, rho, target, k_run)
 
     return run_restarts(n_runs, key, empty_best(x), run).x
 
