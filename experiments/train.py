@@ -562,7 +562,8 @@ def restore(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> T
     validate(config)
     workdir = pathlib.Path(workdir)
     missing = [str(_stage_final(d, s)) for s, d in _stage_dirs(config, workdir).items()
-               if not _stage_final(d, s).exists()]
+               if not _stage_final(d, s).exists()
+               and (s != "prune" or config.prune.method == "hydra")]  # masks from weights
     if missing:
         raise FileNotFoundError(
             f"{workdir} is not a finished run: no final checkpoint in {', '.join(missing)}. "

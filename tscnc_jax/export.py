@@ -323,6 +323,9 @@ def save_safetensors(path: str | os.PathLike, state_dict: Mapping[str, np.ndarra
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)  # mkstemp makes the file 0600; give it the mode open() would
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
