@@ -8,8 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+import toy_mlp
 
 from tscnc_jax import attacks as A
 from tscnc_jax.evaluation import GradientMaskingWarning, check_adversarial, evaluate_robustness
@@ -79,23 +79,7 @@ def cnn():
     model = SmallCNN()
     x_tr, y_tr = _synthetic(jax.random.key(0), 4096)
     params = model.init(jax.random.key(1), x_tr[:1])
-    tx = optax.adam(3e-3)
-    opt = tx.init(params)
-
-    @jax.jit
-    def step(params, opt, xb, yb):
-        def loss_fn(p):
-            logits = model.apply(p, xb)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
-
-        g = jax.grad(loss_fn)(params)
-        updates, opt = tx.update(g, opt, params)
-        return optax.apply_updates(params, updates), opt
-
-    rng = np.random.default_rng(0)
-    for _ in range(300):
-        idx = rng.integers(0, len(y_tr), 64)
-        params, opt = step(params, opt, x_tr[idx], y_tr[idx])
+    params = toy_mlp.fit(model.apply, params, x_tr, y_tr, lr=3e-3, steps=300, batch=64, seed=0)
     x_te, y_te = _synthetic(jax.random.key(7), 128)
     logits_fn = jax.jit(lambda x: model.apply(params, x))
     acc = float(jnp.mean(jnp.argmax(logits_fn(x_te), -1) == y_te))
@@ -161,15 +145,7 @@ def test_fgsm_is_exact_on_linear_model():
 # ------------------------------------------------------------------------------------------------
 
 
-def _mlp_logits_fn(scale: float = 1.0):
-    k1, k2 = jax.random.split(jax.random.key(3))
-    w1 = jax.random.normal(k1, (64, 32)) / 8.0
-    w2 = jax.random.normal(k2, (32, 10)) / 4.0
-
-    def logits_fn(x):
-        return scale * (jnp.tanh(x.reshape(x.shape[0], -1) @ w1 - 0.5) @ w2)
-
-    return logits_fn
+_mlp_logits_fn = toy_mlp.tanh_mlp
 
 
 ALL_ATTACKS = {

@@ -11,8 +11,8 @@ import warnings
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+import toy_mlp
 
 from tscnc_jax import attacks as A
 from tscnc_jax.attacks._common import make_eot_value_and_grad
@@ -29,18 +29,7 @@ from tscnc_jax.evaluation import (
 # ------------------------------------------------------------------------------------------------
 
 
-def _data(key, n):
-    """10 classes of 8x8x1 inputs: random prototypes in [0.2, 0.8] plus noise, clipped to [0, 1]."""
-    protos = 0.2 + 0.6 * jax.random.uniform(jax.random.key(99), (10, 8, 8, 1))
-    k_y, k_n = jax.random.split(key)
-    y = jax.random.randint(k_y, (n,), 0, 10)
-    x = jnp.clip(protos[y] + 0.3 * jax.random.normal(k_n, (n, 8, 8, 1)), 0.0, 1.0)
-    return np.asarray(x), np.asarray(y)
-
-
-def _apply(p, x):
-    h = jax.nn.relu(x.reshape(x.shape[0], -1) @ p["w1"] + p["b1"])
-    return h @ p["w2"] + p["b2"]
+_apply = toy_mlp.apply
 
 
 def _noisy_apply(p, x, key, sigma=0.1):
@@ -50,32 +39,9 @@ def _noisy_apply(p, x, key, sigma=0.1):
 
 @pytest.fixture(scope="module")
 def mlp():
-    """A 64-64-10 MLP trained 200 Adam steps (clean accuracy about 0.95) and 48 test examples."""
-    x_tr, y_tr = _data(jax.random.key(0), 2048)
-    k1, k2 = jax.random.split(jax.random.key(1))
-    params = {
-        "w1": jax.random.normal(k1, (64, 64)) / 8.0,
-        "b1": jnp.zeros(64),
-        "w2": jax.random.normal(k2, (64, 10)) / 8.0,
-        "b2": jnp.zeros(10),
-    }
-    tx = optax.adam(1e-2)
-    opt = tx.init(params)
-
-    @jax.jit
-    def step(p, opt, xb, yb):
-        g = jax.grad(
-            lambda p: optax.softmax_cross_entropy_with_integer_labels(_apply(p, xb), yb).mean()
-        )(p)
-        u, opt = tx.update(g, opt, p)
-        return optax.apply_updates(p, u), opt
-
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        idx = rng.integers(0, len(y_tr), 64)
-        params, opt = step(params, opt, x_tr[idx], y_tr[idx])
-    x, y = _data(jax.random.key(2), 48)
-    return params, x, y
+    """The toy MLP's parameters (``tests/toy_mlp.py``) and 48 test examples."""
+    x, y = toy_mlp.data(jax.random.key(2), 48)
+    return toy_mlp.train(0), x, y
 
 
 def _one(notes, *words):

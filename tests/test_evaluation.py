@@ -7,8 +7,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+import toy_mlp
 
 from tscnc_jax import attacks as A
 from tscnc_jax.evaluation import (
@@ -30,48 +30,11 @@ SMALL_AA = A.AutoAttackConfig(
 )
 
 
-def _data(key, n):
-    """10 classes of 8x8x1 inputs: random prototypes in [0.2, 0.8] plus noise, clipped to [0, 1]."""
-    protos = 0.2 + 0.6 * jax.random.uniform(jax.random.key(99), (10, 8, 8, 1))
-    k_y, k_n = jax.random.split(key)
-    y = jax.random.randint(k_y, (n,), 0, 10)
-    x = jnp.clip(protos[y] + 0.3 * jax.random.normal(k_n, (n, 8, 8, 1)), 0.0, 1.0)
-    return np.asarray(x), np.asarray(y)
-
-
 @pytest.fixture(scope="module")
 def mlp():
-    """A 64-64-10 MLP trained 200 Adam steps (clean accuracy about 0.95)."""
-    x_tr, y_tr = _data(jax.random.key(0), 2048)
-    k1, k2 = jax.random.split(jax.random.key(1))
-    params = {
-        "w1": jax.random.normal(k1, (64, 64)) / 8.0,
-        "b1": jnp.zeros(64),
-        "w2": jax.random.normal(k2, (64, 10)) / 8.0,
-        "b2": jnp.zeros(10),
-    }
-
-    def apply(p, x):
-        h = jax.nn.relu(x.reshape(x.shape[0], -1) @ p["w1"] + p["b1"])
-        return h @ p["w2"] + p["b2"]
-
-    tx = optax.adam(1e-2)
-    opt = tx.init(params)
-
-    @jax.jit
-    def step(p, opt, xb, yb):
-        g = jax.grad(
-            lambda p: optax.softmax_cross_entropy_with_integer_labels(apply(p, xb), yb).mean()
-        )(p)
-        u, opt = tx.update(g, opt, p)
-        return optax.apply_updates(p, u), opt
-
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        idx = rng.integers(0, len(y_tr), 64)
-        params, opt = step(params, opt, x_tr[idx], y_tr[idx])
-    logits_fn = functools.partial(apply, params)
-    x_te, y_te = _data(jax.random.key(2), 96)
+    """The toy MLP (``tests/toy_mlp.py``) and 96 test examples."""
+    logits_fn = functools.partial(toy_mlp.apply, toy_mlp.train(0))
+    x_te, y_te = toy_mlp.data(jax.random.key(2), 96)
     acc = float(np.mean(np.argmax(logits_fn(x_te), -1) == y_te))
     assert acc > 0.85, acc
     return logits_fn, x_te, y_te

@@ -8,8 +8,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
+import toy_mlp
 
 from tscnc_jax import attacks as A
 from tscnc_jax import evaluation as E
@@ -32,9 +32,7 @@ KW = {"eps": 0.06, "sanity_checks": False, "key": jax.random.key(3)}
 _TRACES: list = []
 
 
-def _apply(params, x):
-    h = jax.nn.relu(x.reshape(x.shape[0], -1) @ params["w1"] + params["b1"])
-    return h @ params["w2"] + params["b2"]
+_apply = toy_mlp.apply
 
 
 def _counting_apply(params, x):
@@ -42,43 +40,12 @@ def _counting_apply(params, x):
     return _apply(params, x)
 
 
-def _data(key, n):
-    protos = 0.2 + 0.6 * jax.random.uniform(jax.random.key(99), (10, 8, 8, 1))
-    k_y, k_n = jax.random.split(key)
-    y = jax.random.randint(k_y, (n,), 0, 10)
-    x = jnp.clip(protos[y] + 0.3 * jax.random.normal(k_n, (n, 8, 8, 1)), 0.0, 1.0)
-    return np.asarray(x), np.asarray(y)
-
-
-def _train(seed, steps=200):
-    x_tr, y_tr = _data(jax.random.key(seed), 2048)
-    k1, k2 = jax.random.split(jax.random.key(seed + 1))
-    params = {"w1": jax.random.normal(k1, (64, 64)) / 8.0, "b1": jnp.zeros(64),
-              "w2": jax.random.normal(k2, (64, 10)) / 8.0, "b2": jnp.zeros(10)}
-    tx = optax.adam(1e-2)
-    opt = tx.init(params)
-
-    @jax.jit
-    def step(p, opt, xb, yb):
-        g = jax.grad(
-            lambda p: optax.softmax_cross_entropy_with_integer_labels(_apply(p, xb), yb).mean()
-        )(p)
-        u, opt = tx.update(g, opt, p)
-        return optax.apply_updates(p, u), opt
-
-    rng = np.random.default_rng(seed)
-    for _ in range(steps):
-        idx = rng.integers(0, len(y_tr), 64)
-        params, opt = step(params, opt, x_tr[idx], y_tr[idx])
-    return params
-
-
 @pytest.fixture(scope="module")
 def models():
     """Two 64-64-10 MLPs trained from different seeds (clean accuracy about 0.95), and 100 test
     examples (not a power of two; with batch_size 48 the chunks are 48, 48 and a remainder)."""
-    x, y = _data(jax.random.key(2), 100)
-    return _train(0), _train(7), x, y
+    x, y = toy_mlp.data(jax.random.key(2), 100)
+    return toy_mlp.train(0), toy_mlp.train(7), x, y
 
 
 def _same_report(a, b):

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import toy_mlp
 
 from tscnc_jax import attacks as A
 from tscnc_jax.evaluation import check_adversarial
@@ -18,14 +19,7 @@ S = importlib.import_module("tscnc_jax.attacks.square")
 
 
 def _mlp_logits_fn(scale: float = 3.0):
-    k1, k2 = jax.random.split(jax.random.key(3))
-    w1 = jax.random.normal(k1, (64, 32)) / 8.0
-    w2 = jax.random.normal(k2, (32, 10)) / 4.0
-
-    def logits_fn(x):
-        return scale * (jnp.tanh(x.reshape(x.shape[0], -1) @ w1 - 0.5) @ w2)
-
-    return logits_fn
+    return toy_mlp.tanh_mlp(scale)
 
 
 def _clean_correct_batch(logits_fn, n=32, shape=(8, 8, 1), seed=5):
