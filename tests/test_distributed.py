@@ -1,10 +1,9 @@
 """The pipeline across processes: a 2-process ``jax.distributed`` run on this machine.
 
-Runs of the same ``:smoke`` config through ``experiments.main`` (a VGG-11 with BatchNorm at 1/16
-width on synthetic 32x32 data with crop-and-flip augmentation, every stage), all with the same
-XLA:CPU flags: on two (fake CPU) devices in one process and in two processes with one CPU device
-each and a localhost coordinator; and, without the training attack (``loss=clean``), on one
-device and on two devices.
+Three runs of the same ``:smoke`` config through ``experiments.main`` (a VGG-11 with BatchNorm
+at 1/16 width on synthetic 32x32 data with crop-and-flip augmentation, every stage, trained on
+the clean loss: see below) with the same XLA:CPU flags: on one device, on two (fake CPU) devices
+in one process, and in two processes with one CPU device each and a localhost coordinator.
 
 * Two processes and one process with two devices run the same partitioned program and reduce
   over two devices in the same order (``a + b`` is commutative in IEEE arithmetic): their final
@@ -14,10 +13,11 @@ device and on two devices.
   that difference does not stay small: the attack steps along ``sign(gradient)``, which flips
   where a coordinate of the input gradient is zero up to rounding (common in a barely trained
   network), moving an adversarial pixel by two steps: measured, the adversarial dense stages
-  differed by 1.9e-2. The one-device comparison is therefore made with ``loss=clean``, where
-  rounding is all that separates the runs, stage by stage: the dense stage's parameters,
-  BatchNorm statistics and EMA within ``DENSE_ATOL`` (2e-3; measured 3.7e-4: 12 steps of a
-  barely trained BatchNorm network amplify rounding far beyond 1e-7), the HYDRA scores within
+  differed by 1.9e-2. These runs therefore train with ``loss=clean``, where rounding is all
+  that separates one device from two; the one-device comparison is made stage by stage: the
+  dense stage's parameters, BatchNorm statistics and EMA within ``DENSE_ATOL`` (2e-3; measured
+  3.7e-4: 12 steps of a barely trained BatchNorm network amplify rounding far beyond 1e-7), the
+  HYDRA scores within
   ``SCORES_ATOL`` (2e-2; measured 5.4e-3 on scores up to 2.0). The top-k that turns scores into
   masks is discontinuous: where two scores of a layer are closer than their drift, the runs
   keep different weights (measured: one swap, 2 of 362 kept-weight positions), and from then on
@@ -55,12 +55,10 @@ from tscnc_jax import parallel
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = [f"--config={ROOT / 'experiments' / 'configs' / 'hydra.py'}:cifar10,smoke",
           "--config.model.kwargs.depth=11", "--config.data.synthetic_train=192",
-          "--config.dense.epochs=2", "--config.eval.chunk=32"]
+          "--config.dense.epochs=2", "--config.eval.chunk=32", "--config.loss=clean"]
 SAME_FLAGS = "--xla_cpu_multi_thread_eigen=false"
-#: One device against two without the training attack: float32 rounding, amplified by training
-#: (module docstring).
+#: One device against two: float32 rounding, amplified by training (module docstring).
 DENSE_ATOL, SCORES_ATOL, MAX_MASK_SWAPS = 2e-3, 2e-2, 4
-CLEAN = "--config.loss=clean"
 
 pytestmark = pytest.mark.slow
 
@@ -111,11 +109,9 @@ def _summary(workdir) -> dict:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
-    out = {name: root / name for name in ("one_clean", "two_devices_clean", "two_devices",
-                                          "two_processes")}
-    for name, devices, extra in (("one_clean", 1, [CLEAN]), ("two_devices_clean", 2, [CLEAN]),
-                                 ("two_devices", 2, [])):
-        proc = stall.run(_main(out[name], *extra), cwd=ROOT, env=_env(devices))
+    out = {name: root / name for name in ("one", "two_devices", "two_processes")}
+    for name, devices in (("one", 1), ("two_devices", 2)):
+        proc = stall.run(_main(out[name]), cwd=ROOT, env=_env(devices))
         assert proc.returncode == 0, proc.stderr[-3000:]
     _finish(_launch_two(out["two_processes"]))
     return out
@@ -137,7 +133,7 @@ def _assert_close(a, b, atol: float, what: str) -> None:
 
 
 def test_two_devices_equal_one_device_within_float_tolerance(runs):
-    two, one = runs["two_devices_clean"], runs["one_clean"]
+    two, one = runs["two_devices"], runs["one"]
     a, b = _final(two, "dense", "scores"), _final(one, "dense", "scores")
     for name in ("params", "batch_stats", "ema_params"):
         _assert_close(a[name], b[name], DENSE_ATOL, f"dense {name}")
