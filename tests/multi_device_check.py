@@ -6,7 +6,8 @@ Run in a fresh process with ``XLA_FLAGS=$(tscnc_jax.parallel.cpu_multi_device_fl
 
 The setting exercises every cross-device path of the step: synchronised BatchNorm, TRADES with its
 PGD inner maximisation (per-example random starts), the CNC and TSC penalties through optax,
-fixed pruning masks (``sparsify``), and the EMA.
+fixed pruning masks (``sparsify``), and the EMA. Then the validation step (clean and PGD
+accuracy counts) on the same images on 1 device and on all.
 """
 
 import json
@@ -104,8 +105,28 @@ def main() -> None:
         out[backend] = {"max_abs_diff": diff, "metric_diff": metric_diff,
                         "pruned_nonzero": revived,
                         "mask_sparsity": tj.summarize_sparsity(masks).sparsity}
+    out["evaluation"] = _evaluation_counts(model_single, model_multi, states[-1], attack)
     print(json.dumps(out))
     sys.stdout.flush()
+
+
+def _evaluation_counts(model_single, model_multi, state, attack) -> dict:
+    """The validation step (clean and PGD counts, padded rows masked out) on 1 device and
+    data-parallel over all, on the same 45 images (45 = not a multiple of 2 or 4: the last
+    rows are padding on several devices)."""
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 1, (45, 16, 16, 1)).astype(np.float32)
+    y = rng.integers(0, 10, 45).astype(np.int32)
+    pad = -len(y) % jax.device_count()
+    batch = {"image": np.concatenate([x, np.repeat(x[-1:], pad, 0)]),
+             "label": np.concatenate([y, np.repeat(y[-1:], pad, 0)]),
+             "mask": (np.arange(len(y) + pad) < len(y)).astype(np.float32)}
+    one = jax.jit(training.make_eval_step(model_single, attack=attack))(
+        state, {"image": x, "label": y})
+    many = parallel.data_parallel(training.make_eval_step(
+        model_multi, attack=attack, axis_name=AXIS))(state, batch)
+    return {name: [float(v[k]) for k in ("count", "clean_correct", "adv_correct")]
+            for name, v in (("one", jax.device_get(one)), ("all", jax.device_get(many)))}
 
 
 if __name__ == "__main__":

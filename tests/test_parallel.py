@@ -42,6 +42,12 @@ def test_multi_device_equals_single_device(num_devices):
         assert out[backend]["metric_diff"] < 1e-4, out
         assert out[backend]["pruned_nonzero"] == 0, out
         assert abs(out[backend]["mask_sparsity"] - 0.9) < 1e-3, out
+    # Evaluation: the same images on one device and sharded over all (padding masked out) give
+    # the same counts exactly: each example's logits and attack do not depend on the others.
+    one, many = out["evaluation"]["one"], out["evaluation"]["all"]
+    assert one[0] == many[0] == 45, out
+    assert one == many, out
+    assert 0 < one[1] < 45 and one[2] <= one[1], out  # not a constant classifier
 
 
 def test_rows_batches_and_errors():
