@@ -12,7 +12,11 @@ test images the clean accuracy, PGD (``eval.pgd_steps``) and the ``eval.attacks`
 :func:`tscnc_jax.evaluate_robustness` (which asserts that every adversarial example lies in the
 eps-ball and in [0, 1]), AutoAttack's standard ensemble on the first ``eval.num_standard``, the
 local Lipschitz estimate on the first ``eval.num_lipschitz``, and the spectral report
-(:func:`spectral_report`); it writes ``summary.json``, ``results.md`` and the figures.
+(:func:`spectral_report`); it writes ``summary.json``, ``results.md`` and the figures. The
+test images are shared out in chunks (``eval.chunk``) over the processes of a multi-process run,
+and each process attacks its chunks data-parallel over its own devices
+(``evaluate_robustness(mesh=tscnc_jax.parallel.local_mesh())``); the per-image outcomes are
+gathered, so every process holds the same summary.
 
 The standard ensemble costs about 4 s per image for a robust model on a CPU, so a run evaluates
 it on a subset only (the short schedule: 500 images); the command line runs it afterwards on up
@@ -211,7 +215,8 @@ def evaluate_chunk(config, logits_fn, x: np.ndarray, y: np.ndarray, start: int) 
     t0 = time.time()
     rep = tj.evaluate_robustness(
         logits_fn, batches(x, y, config.batch_size), eps=config.eps, attacks=ATTACKS,
-        key=key if start == 0 else jax.random.fold_in(key, start), progress=config.progress)
+        key=key if start == 0 else jax.random.fold_in(key, start), progress=config.progress,
+        mesh=tj.parallel.local_mesh())
     return {"start": start, "num": len(y), "attacks": list(rep.attacks),
             "clean_correct": [int(v) for v in rep.clean_correct],
             "broken_by": [int(v) for v in rep.broken_by],
@@ -263,14 +268,15 @@ def _evaluate_test_chunk(config, logits_fn, x, y, start: int, n_std: int, n_lip:
     """Every per-image outcome of the final evaluation on the test images ``start ..``
     (``x``, ``y``): PGD, the configured ensemble, the standard ensemble on those of the first
     ``n_std`` images, the local Lipschitz estimate on those of the first ``n_lip``."""
-    bs = config.batch_size
+    bs, mesh = config.batch_size, tj.parallel.local_mesh()
     pgd = tj.evaluate_robustness(
         logits_fn, batches(x, y, bs), eps=config.eps, attacks={"pgd": pgd_member(config)},
         key=_chunk_key(jax.random.key(config.seed + 5), start), sanity_checks=False,
-        progress=config.progress)
+        progress=config.progress, mesh=mesh)
     report = tj.evaluate_robustness(
         logits_fn, batches(x, y, bs), eps=config.eps, attacks=config.eval.attacks,
-        key=_chunk_key(jax.random.key(config.seed + 6), start), progress=config.progress)
+        key=_chunk_key(jax.random.key(config.seed + 6), start), progress=config.progress,
+        mesh=mesh)
     out = {"start": start, "num": len(y), "pgd": _outcomes(pgd), "ensemble": _outcomes(report)}
     k_std = max(0, min(n_std - start, len(y)))
     if k_std:
@@ -278,9 +284,14 @@ def _evaluate_test_chunk(config, logits_fn, x, y, start: int, n_std: int, n_lip:
     k_lip = max(0, min(n_lip - start, len(y)))
     lip_jit = jax.jit(lambda xb, kb: tj.local_lipschitz(
         logits_fn, xb, key=kb, eps=config.eps, steps=config.eval.lipschitz_steps))
-    lip_key = jax.random.key(config.seed + 7)
-    out["lipschitz"] = [float(v) for i in range(0, k_lip, bs) for v in np.asarray(
-        lip_jit(x[i:min(i + bs, k_lip)], jax.random.fold_in(lip_key, start + i)))]
+    lip_key, lip = jax.random.key(config.seed + 7), []
+    for i in range(0, k_lip, bs):  # padded to a multiple of the devices (rows are independent)
+        xb = x[i:min(i + bs, k_lip)]
+        padded = np.concatenate([xb, np.repeat(xb[:1], -len(xb) % mesh.devices.size, 0)])
+        values = lip_jit(tj.parallel.shard_batch(padded, mesh),
+                         jax.random.fold_in(lip_key, start + i))
+        lip += [float(v) for v in np.asarray(values)[:len(xb)]]
+    out["lipschitz"] = lip
     return out
 
 
@@ -390,7 +401,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 def _train_and_evaluate(config, workdir: pathlib.Path) -> dict:
     t0 = time.time()
     trained = train.train(config, workdir)
-    # Each process evaluates with its own copy of the (replicated) trained state.
+    # Each process evaluates its own test images with its own copy of the (replicated) trained
+    # state, data-parallel over its devices.
     trained = trained._replace(state=tj.parallel.local_copy(trained.state),
                                dense=tj.parallel.local_copy(trained.dense))
     stages, step = config.stages, int(trained.state.step)

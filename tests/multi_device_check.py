@@ -7,9 +7,11 @@ Run in a fresh process with ``XLA_FLAGS=$(tscnc_jax.parallel.cpu_multi_device_fl
 The setting exercises every cross-device path of the step: synchronised BatchNorm, TRADES with its
 PGD inner maximisation (per-example random starts), the CNC and TSC penalties through optax,
 fixed pruning masks (``sparsify``), and the EMA. Then the validation step (clean and PGD
-accuracy counts) on the same images on 1 device and on all.
+accuracy counts) on the same images on 1 device and on all, and ``evaluate_robustness`` (every
+AutoAttack member at small budgets) on one device and with ``mesh=`` over all.
 """
 
+import functools
 import json
 import os
 import sys
@@ -21,6 +23,8 @@ import numpy as np
 
 import tscnc_jax as tj
 from tscnc_jax import models, parallel, training
+
+import toy_mlp  # noqa: E402  (tests/, the script's directory)
 
 AXIS = parallel.BATCH_AXIS
 STEPS = 5
@@ -106,6 +110,7 @@ def main() -> None:
                         "pruned_nonzero": revived,
                         "mask_sparsity": tj.summarize_sparsity(masks).sparsity}
     out["evaluation"] = _evaluation_counts(model_single, model_multi, states[-1], attack)
+    out["robustness"] = _robustness_reports()
     print(json.dumps(out))
     sys.stdout.flush()
 
@@ -127,6 +132,37 @@ def _evaluation_counts(model_single, model_multi, state, attack) -> dict:
         model_multi, attack=attack, axis_name=AXIS))(state, batch)
     return {name: [float(v[k]) for k in ("count", "clean_correct", "adv_correct")]
             for name, v in (("one", jax.device_get(one)), ("all", jax.device_get(many)))}
+
+
+def _robustness_reports() -> dict:
+    """``evaluate_robustness`` with every AutoAttack member (small budgets, each on every
+    clean-correct example: ``cascade=False``) on the toy MLP's 61 test images on the default
+    device and with ``mesh=`` over all devices (61: the chunks and Square's re-batched segments
+    are padded to multiples of the device count), with the number of devices each call's batch
+    was laid out on, read inside the jitted attack."""
+    x, y = toy_mlp.data(jax.random.key(7), 61)
+    logits_fn = functools.partial(toy_mlp.apply, toy_mlp.train())
+    seen = []
+
+    def probe(logits_fn, x, y, *, key, eps, norm, bounds):
+        del logits_fn, y, key, eps, norm, bounds
+        jax.debug.inspect_array_sharding(x, callback=lambda s: seen.append(len(s.device_set)))
+        return x
+
+    budget = tj.attacks.AutoAttackConfig(apgd_ce_steps=10, apgd_t_steps=10, apgd_t_targets=3,
+                                        fab_t_steps=10, fab_t_targets=3, square_queries=300)
+    attacks = [("probe", probe), *tj.attacks.autoattack_members(budget, n_classes=10)]
+    out = {}
+    for name, mesh in (("one", None), ("all", parallel.make_mesh(jax.local_devices()))):
+        seen.clear()
+        rep = tj.evaluate_robustness(logits_fn, [(x, y)], eps=0.08, attacks=attacks,
+                                     key=jax.random.key(3), batch_size=16, mesh=mesh,
+                                     cascade=False, sanity_checks=False)
+        out[name] = {"clean_correct": rep.clean_correct.tolist(),
+                     "robust": {k: round(v * len(y)) for k, v in rep.robust_accuracy.items()},
+                     "ensemble": rep.n_robust,
+                     "broken_by": rep.broken_by.tolist(), "devices_seen": sorted(set(seen))}
+    return out
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ in one process, and in two processes with one CPU device each and a localhost co
   and 4 devices from the same states (``tests/test_parallel.py``), where no trajectory can
   drift.
 * The final evaluation in chunks of 32 test images (``config.eval.chunk``): the two processes
-  attack one chunk each and gather the per-image outcomes, one process attacks both; the
+  attack one chunk each on their one device and gather the per-image outcomes, one process
+  attacks both, each split over its two devices (``evaluate_robustness(mesh=...)``); the
   summaries are equal (part of the first check).
 * A 2-process run killed (SIGKILL, both processes) after its first checkpoint and relaunched
   ends bitwise equal to the uninterrupted one.

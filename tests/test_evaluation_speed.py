@@ -72,6 +72,20 @@ def test_buckets():
     np.testing.assert_array_equal(chunks[-1][0][17:], 260)  # padding repeats the first index
     padded = E._pad_labels(np.array([3, 4, 9, 9]), 2, 10)
     np.testing.assert_array_equal(padded, [3, 4, 0, 0])
+    # Over 3 devices (mesh=): every size a multiple of 3, batch_size already rounded up to one.
+    assert E._bucket_sizes(201, 3) == [9, 18, 33, 66, 129, 201]
+    assert [len(p) for p, _ in E._chunks(np.arange(77), 201, compact=True, multiple=3)] == [129]
+
+
+def test_mesh_argument(models):
+    params, _, x, y = models
+    logits_fn = functools.partial(_apply, params)
+    kw = KW | {"attacks": SMALL_AA, "batch_size": 48}
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("batch",))
+    _same_report(evaluate_robustness(logits_fn, [(x, y)], mesh=mesh, **kw),
+                 evaluate_robustness(logits_fn, [(x, y)], **kw))
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+        evaluate_robustness(logits_fn, [(x, y)], mesh=jax.devices(), **kw)
 
 
 def test_compacted_equals_uncompacted_ensemble(models):

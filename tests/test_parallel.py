@@ -48,6 +48,14 @@ def test_multi_device_equals_single_device(num_devices):
     assert one[0] == many[0] == 45, out
     assert one == many, out
     assert 0 < one[1] < 45 and one[2] <= one[1], out  # not a constant classifier
+    # evaluate_robustness with mesh= over all devices: every member's batches are split over
+    # them (read inside the jitted attack) and every per-example outcome equals one device's.
+    one, many = out["robustness"]["one"], out["robustness"]["all"]
+    assert one["devices_seen"] == [1] and many["devices_seen"] == [num_devices], out
+    assert one == {**many, "devices_seen": [1]}, out
+    robust = one["robust"]  # each member has work and breaks some (not all) points
+    assert sum(one["clean_correct"]) > 50, out
+    assert all(0 < robust[m] < sum(one["clean_correct"]) for m in ("apgd-ce", "fab-t", "square"))
 
 
 def test_rows_batches_and_errors():

@@ -386,27 +386,60 @@ def _square_options(attack: Callable) -> dict | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _bucket_sizes(batch_size: int) -> list[int]:
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _bucket_sizes(batch_size: int, multiple: int = 1) -> list[int]:
     """Chunk sizes used when compacting: ``batch_size`` and the powers of two in
-    ``[MIN_BUCKET, batch_size)``."""
+    ``[MIN_BUCKET, batch_size)``, each rounded up to a multiple of ``multiple`` (the devices
+    that share a chunk; ``batch_size`` must be one)."""
     sizes = {batch_size}
     s = MIN_BUCKET
     while s < batch_size:
-        sizes.add(s)
+        sizes.add(min(_round_up(s, multiple), batch_size))
         s *= 2
     return sorted(sizes)
 
 
-def _bucket(n: int, batch_size: int, compact: bool) -> int:
+def _bucket(n: int, batch_size: int, compact: bool, multiple: int = 1) -> int:
     """The chunk size for ``n <= batch_size`` examples."""
     if not compact:
         return batch_size
-    return min(s for s in _bucket_sizes(batch_size) if s >= min(n, batch_size))
+    return min(s for s in _bucket_sizes(batch_size, multiple) if s >= min(n, batch_size))
 
 
-def _smaller_bucket(size: int, batch_size: int) -> int:
+def _smaller_bucket(size: int, batch_size: int, multiple: int = 1) -> int:
     """The largest chunk size below ``size`` (0 if none)."""
-    return max((s for s in _bucket_sizes(batch_size) if s < size), default=0)
+    return max((s for s in _bucket_sizes(batch_size, multiple) if s < size), default=0)
+
+
+class _Placement(NamedTuple):
+    """Where the driver puts each chunk it passes to a jitted function: on the default device
+    (``sharding=None``), or split along the batch axis over the devices of a mesh (``multiple``:
+    their number; every chunk is a multiple of it)."""
+
+    sharding: jax.sharding.NamedSharding | None = None
+    multiple: int = 1
+
+    def put(self, x) -> jax.Array:
+        return jnp.asarray(x) if self.sharding is None else jax.device_put(x, self.sharding)
+
+
+def _placement(mesh: jax.sharding.Mesh | None) -> _Placement:
+    """The placement of a chunk on ``mesh`` (its batch axis over every axis of the mesh)."""
+    if mesh is None:
+        return _Placement()
+    if not isinstance(mesh, jax.sharding.Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh or None; got {type(mesh).__name__}.")
+    foreign = [d for d in mesh.devices.flat if d.process_index != jax.process_index()]
+    if foreign:
+        raise ValueError(
+            f"mesh has {len(foreign)} device(s) of other processes (e.g. {foreign[0]}); the "
+            "evaluation runs on this process's data, over its own devices: pass "
+            "tscnc_jax.parallel.make_mesh(jax.local_devices()).")
+    spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
+    return _Placement(jax.sharding.NamedSharding(mesh, spec), int(mesh.devices.size))
 
 
 class AttackSoundnessError(RuntimeError):
@@ -667,14 +700,14 @@ def _collect(dataset_batches: Iterable[Any]) -> tuple[np.ndarray, np.ndarray, in
     return x, y.astype(np.int32), max(len(b) for b in xs)
 
 
-def _chunks(idx: np.ndarray, batch_size: int, compact: bool = False):
+def _chunks(idx: np.ndarray, batch_size: int, compact: bool = False, multiple: int = 1):
     """Yields ``(padded_indices, n_valid)``: chunks of ``batch_size``, the last one padded (by
     repeating its first index) to ``batch_size``, or with ``compact`` to the smallest bucket that
-    holds it."""
+    holds it (:func:`_bucket_sizes`)."""
     for start in range(0, len(idx), batch_size):
         part = idx[start : start + batch_size]
         n = len(part)
-        size = _bucket(n, batch_size, compact)
+        size = _bucket(n, batch_size, compact, multiple)
         if n < size:
             part = np.concatenate([part, np.full(size - n, part[0], part.dtype)])
         yield part, n
@@ -706,6 +739,7 @@ def evaluate_robustness(
     compact: bool = True,
     stochastic: bool = False,
     n_draws: int = 5,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> RobustnessReport:
     """Evaluates clean and robust accuracy of ``logits_fn`` on a data set.
 
@@ -753,6 +787,16 @@ def evaluate_robustness(
         with ``stochastic=True``, e.g. ``attacks="rand"``).
       n_draws: for a stochastic model, the draws of its randomness behind each correctness
         decision (ignored for a deterministic model).
+      mesh: data parallelism over this process's devices, e.g.
+        ``tscnc_jax.parallel.make_mesh(jax.local_devices())``: every chunk the attacks, the
+        clean pass and the final verification run on is split along its batch axis over the
+        mesh's devices (``batch_size`` and the buckets rounded up to multiples of their number),
+        and ``logits_fn``'s arrays are replicated on them (a ``functools.partial``'s array
+        arguments are placed by the driver; arrays a closure captures must already live on the
+        mesh's devices, or be uncommitted). Each example's computation is the same as on one
+        device, so the outcomes are too, up to float reduction order. A multi-process job gives
+        each process its own examples and mesh (``experiments/evaluate.py`` does). The
+        diagnostics' single batches run unsplit. ``None``: the default device.
 
     Returns:
       A :class:`RobustnessReport`.
@@ -773,8 +817,14 @@ def evaluate_robustness(
     if batch_size is not None:
         batch_size = _validation.check_int("batch_size", batch_size)
     batch_size = default_bs if batch_size is None else batch_size
+    place = _placement(mesh)
+    batch_size = _round_up(batch_size, place.multiple)
     n = len(y_all)
-    jits = _Jits(_split_model(logits_fn), norm, (lo, hi), n_draws if stochastic else None)
+    model = _split_model(logits_fn)
+    if place.sharding is not None:
+        model = model._replace(arrays=jax.device_put(
+            model.arrays, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
+    jits = _Jits(model, norm, (lo, hi), n_draws if stochastic else None)
     n_classes = _check_data(jits, x_all, y_all, batch_size, (lo, hi))
     members = _resolve_attacks(attacks, n_classes, norm, stochastic)
     names = tuple(m[0] for m in members)
@@ -782,7 +832,7 @@ def evaluate_robustness(
     predict = functools.partial(jits.predict(), jits.model.arrays)
     x_last, last_by = (x_all.copy(), np.full(n, -1, np.int32)) if stochastic else (None, None)
     ctx = _Context(jits, x_all, y_all, n_classes, np.asarray(eps, x_all.dtype), eps, batch_size,
-                   compact, progress, x_last, last_by)
+                   compact, progress, place, x_last, last_by)
     n_members = len(members)
     # A stochastic model's clean and final draws come from their own key, the same whatever the
     # attacks: evaluations of one model with different attacks see the same draws.
@@ -790,7 +840,7 @@ def evaluate_robustness(
 
     t0 = time.perf_counter()
     k_clean = None if k_model is None else jax.random.fold_in(k_model, 0)
-    clean_correct = _predict_all(predict, x_all, batch_size, y_all, k_clean) == y_all
+    clean_correct = _predict_all(predict, x_all, batch_size, y_all, k_clean, place) == y_all
     seconds["clean"] = time.perf_counter() - t0
     n_clean = int(clean_correct.sum())
 
@@ -836,12 +886,12 @@ def evaluate_robustness(
         final_robust, record_notes, not_reproduced = _verify_stochastic(
             predict, x_all, y_all, x_adv, broken_by, clean_correct, last_by, eps=eps, norm=norm,
             bounds=(lo, hi), batch_size=batch_size, key=jax.random.fold_in(k_model, 1),
-            n_draws=n_draws)
+            n_draws=n_draws, place=place)
         notes = []
     else:
         final_robust, notes, not_reproduced = _verify_ensemble(
             predict, x_all, y_all, x_adv, broken_by, clean_correct, robust, eps=eps, norm=norm,
-            bounds=(lo, hi), batch_size=batch_size)
+            bounds=(lo, hi), batch_size=batch_size, place=place)
     n_robust = int(final_robust.sum())
     _check_consistency(names, robust_acc, n_clean / n, n_robust / n, not_reproduced / n, cascade)
     if sanity_checks:
@@ -887,6 +937,7 @@ class _Context(NamedTuple):
     batch_size: int
     compact: bool
     progress: bool
+    place: _Placement
     # A stochastic model: each example's last attack output and its attack's index.
     x_last: np.ndarray | None = None
     last_by: np.ndarray | None = None
@@ -919,15 +970,15 @@ def _check_data(jits: _Jits, x_all, y_all, batch_size, bounds) -> int:
 
 
 def _predict_all(predict, x_np: np.ndarray, batch_size: int, y_np: np.ndarray | None = None,
-                 key: jax.Array | None = None) -> np.ndarray:
+                 key: jax.Array | None = None, place: _Placement = _Placement()) -> np.ndarray:
     """The predicted class of every example, in padded batches of ``batch_size``; with a ``key``,
     a stochastic model's ``predict(x, y, key)`` (chunk ``j``: ``fold_in(key, j)``)."""
     pred = np.empty(len(x_np), np.int32)
     for j, (part, m) in enumerate(_chunks(np.arange(len(x_np)), batch_size)):
         if key is None:
-            out = predict(jnp.asarray(x_np[part]))
+            out = predict(place.put(x_np[part]))
         else:
-            out = predict(jnp.asarray(x_np[part]), jnp.asarray(y_np[part]),
+            out = predict(place.put(x_np[part]), place.put(y_np[part]),
                           jax.random.fold_in(key, j))
         pred[part[:m]] = np.asarray(out)[:m]
     return pred
@@ -954,9 +1005,10 @@ def _run_member(ctx: _Context, name, i, attack, todo, clean_correct, broken_by, 
     run = functools.partial(ctx.jits.member(attack), ctx.jits.model.arrays)
     this_robust = clean_correct.copy()
     bar = progress_bar(len(todo), desc=name, unit="example", enabled=ctx.progress, leave=False)
-    for j, (part, m) in enumerate(_chunks(todo, ctx.batch_size, ctx.compact)):
+    put, multiple = ctx.place.put, ctx.place.multiple
+    for j, (part, m) in enumerate(_chunks(todo, ctx.batch_size, ctx.compact, multiple)):
         y_part = _pad_labels(ctx.y_all[part], m, ctx.n_classes)
-        xa, pred = run(jnp.asarray(ctx.x_all[part]), jnp.asarray(y_part),
+        xa, pred = run(put(ctx.x_all[part]), put(y_part),
                        jax.random.fold_in(key, j), ctx.eps_arr)
         idx = part[:m]
         _record(ctx, name, i, idx, np.asarray(xa)[:m], np.asarray(pred)[:m], this_robust,
@@ -974,6 +1026,7 @@ def _run_square(ctx: _Context, name, i, attack, todo, clean_correct, broken_by, 
     opts = _square_options(attack)
     init, steps = ctx.jits.square(opts)
     arrays, n_queries, bs = ctx.jits.model.arrays, opts["n_queries"], ctx.batch_size
+    put, multiple = ctx.place.put, ctx.place.multiple
     this_robust = clean_correct.copy()
     bar = progress_bar(len(todo), desc=name, unit="example", enabled=ctx.progress, leave=False)
     rows = todo
@@ -988,10 +1041,10 @@ def _run_square(ctx: _Context, name, i, attack, todo, clean_correct, broken_by, 
             """``fn`` on the rows at positions ``pos`` (the first ``m`` valid)."""
             g = rows[pos]
             y_part = _pad_labels(ctx.y_all[g], m, ctx.n_classes)
-            return fn(arrays, jnp.asarray(ctx.x_all[g]), jnp.asarray(y_part), key,
-                      jnp.asarray(g, jnp.int32), jnp.int32(r), *extra)
+            return fn(arrays, put(ctx.x_all[g]), put(y_part), key, put(g.astype(np.int32)),
+                      jnp.int32(r), *extra)
 
-        for pos, m in _chunks(np.arange(len(rows)), bs, ctx.compact):
+        for pos, m in _chunks(np.arange(len(rows)), bs, ctx.compact, multiple):
             st = call(init, pos, m, ctx.eps_arr)
             margins = (np.empty(len(rows), st.margin.dtype) if margins is None else margins)
             xs[pos[:m]], margins[pos[:m]] = np.asarray(st.x_adv)[:m], np.asarray(st.margin)[:m]
@@ -1001,12 +1054,11 @@ def _run_square(ctx: _Context, name, i, attack, todo, clean_correct, broken_by, 
                 bar.update(len(rows) - len(active) - bar.n)
             if not len(active):
                 break
-            for pos, m in _chunks(active, bs, ctx.compact):
+            for pos, m in _chunks(active, bs, ctx.compact, multiple):
                 q = queries[pos].copy()
                 q[m:] = n_queries  # padding: out of queries, never active
-                stop = _smaller_bucket(len(pos), bs) if ctx.compact else 0
-                st = call(steps, pos, m, SquareState(jnp.asarray(xs[pos]),
-                                                     jnp.asarray(margins[pos]), jnp.asarray(q)),
+                stop = _smaller_bucket(len(pos), bs, multiple) if ctx.compact else 0
+                st = call(steps, pos, m, SquareState(put(xs[pos]), put(margins[pos]), put(q)),
                           ctx.eps_arr, jnp.int32(stop))
                 xs[pos[:m]], margins[pos[:m]] = np.asarray(st.x_adv)[:m], np.asarray(st.margin)[:m]
                 queries[pos[:m]] = np.asarray(st.queries)[:m]
@@ -1015,7 +1067,7 @@ def _run_square(ctx: _Context, name, i, attack, todo, clean_correct, broken_by, 
         maybe = np.flatnonzero(margins <= 0)
         if len(maybe):
             pred[maybe] = _predict_all(functools.partial(ctx.jits.predict(), arrays), xs[maybe],
-                                       bs)
+                                       bs, place=ctx.place)
         _record(ctx, name, i, rows, xs, pred, this_robust, broken_by, x_adv)
         rows = rows[pred == ctx.y_all[rows]]
     bar.close()
@@ -1023,12 +1075,13 @@ def _run_square(ctx: _Context, name, i, attack, todo, clean_correct, broken_by, 
 
 
 def _verify_ensemble(predict, x_all, y_all, x_adv, broken_by, clean_correct, robust, *, eps,
-                     norm, bounds, batch_size):
+                     norm, bounds, batch_size, place):
     """One forward pass on the stored adversarial inputs: returns the examples robust to all
     attacks, notes, and how many reported breaks did not reproduce (counted robust)."""
     notes = []
     check_adversarial(x_all, x_adv, eps=eps, norm=norm, bounds=bounds, name="ensemble")
-    final_robust = clean_correct & (_predict_all(predict, x_adv, batch_size) == y_all)
+    final_robust = clean_correct & (_predict_all(predict, x_adv, batch_size, place=place)
+                                    == y_all)
     not_reproduced = int((final_robust & ~robust).sum())
     if not_reproduced:
         notes.append(
@@ -1047,7 +1100,7 @@ def _verify_ensemble(predict, x_all, y_all, x_adv, broken_by, clean_correct, rob
 
 
 def _verify_stochastic(predict, x_all, y_all, x_adv, broken_by, clean_correct, last_by, *, eps,
-                       norm, bounds, batch_size, key, n_draws):
+                       norm, bounds, batch_size, key, n_draws, place):
     """The final accuracy of a stochastic model, on fresh draws: every clean-correct example's
     final input (the output of the attack that broke it, else of the last attack that ran on it)
     is classified again with ``n_draws`` draws independent of those that guided and selected the
@@ -1060,7 +1113,7 @@ def _verify_stochastic(predict, x_all, y_all, x_adv, broken_by, clean_correct, l
     idx = np.flatnonzero(clean_correct)
     if not len(idx):
         return final_robust, notes, 0
-    ok = _predict_all(predict, x_adv[idx], batch_size, y_all[idx], key) == y_all[idx]
+    ok = _predict_all(predict, x_adv[idx], batch_size, y_all[idx], key, place) == y_all[idx]
     final_robust[idx[ok]] = True
     was_broken = broken_by[idx] >= 0
     not_reproduced = int((ok & was_broken).sum())

@@ -13,7 +13,8 @@ every host without code changes:
   batch (:func:`local_rows` says which); :func:`shard_batch` assembles the global array from them.
   :func:`prefetch` keeps the next batches on their way to the devices while a step runs.
 * :func:`replicate`: the same pytree on every device of the mesh (each process passes the same
-  values); :func:`local_copy`: back to one copy per process.
+  values); :func:`local_copy`: back to one copy per process, on its own devices
+  (:func:`local_mesh`).
 
 The numbers equal the single-device step on the full batch up to float32 reduction order
 (tested on fake CPU devices and with two processes). Multi-device CPU runs
@@ -125,18 +126,26 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
 
 
 def local_copy(tree: PyTree) -> PyTree:
-    """This process's copy of every fully replicated global array of ``tree`` (on its first
-    local device), for work each process does on its own; other leaves pass through."""
+    """This process's copy of every fully replicated global array of ``tree``, replicated over
+    this process's devices (:func:`local_mesh`), for work each process does on its own data
+    (the final evaluation); other leaves pass through."""
+    mesh = local_mesh()
 
     def local(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             if not x.is_fully_replicated:
                 raise ValueError(f"local_copy: an array of shape {x.shape} is sharded across "
                                  f"processes, not replicated.")
-            return x.addressable_data(0)
+            return replicate(x.addressable_data(0), mesh)
         return x
 
     return jax.tree.map(local, tree)
+
+
+def local_mesh() -> Mesh:
+    """A 1-D mesh over this process's devices (axis :data:`BATCH_AXIS`): data parallelism for
+    work a process does on its own examples (``evaluate_robustness(mesh=...)``)."""
+    return make_mesh(jax.local_devices())
 
 
 def prefetch(batches: Iterable[PyTree], mesh: Mesh, size: int = 2) -> Iterator[PyTree]:
