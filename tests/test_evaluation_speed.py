@@ -12,7 +12,7 @@ import pytest
 import toy_mlp
 
 from tscnc_jax import attacks as A
-from tscnc_jax import evaluation as E
+from tscnc_jax.evaluation import driver as E
 from tscnc_jax.evaluation import evaluate_robustness
 
 # Cheap budgets for every member of the ensemble (FAB-T's fields only where it exists).
