@@ -12,7 +12,9 @@ import pytest
 import toy_mlp
 
 from tscnc_jax import attacks as A
-from tscnc_jax.evaluation import driver as E
+from tscnc_jax import evaluation as E
+from tscnc_jax.evaluation import _batches as B
+from tscnc_jax.evaluation import _compile as C
 from tscnc_jax.evaluation import evaluate_robustness
 
 # Cheap budgets for every member of the ensemble (FAB-T's fields only where it exists).
@@ -61,20 +63,20 @@ def _same_report(a, b):
 
 
 def test_buckets():
-    assert E._bucket_sizes(200) == [8, 16, 32, 64, 128, 200]
-    assert E._bucket_sizes(4) == [4]
-    assert [E._bucket(n, 200, True) for n in (1, 8, 9, 77, 128, 129, 200)] == [
+    assert B._bucket_sizes(200) == [8, 16, 32, 64, 128, 200]
+    assert B._bucket_sizes(4) == [4]
+    assert [B._bucket(n, 200, True) for n in (1, 8, 9, 77, 128, 129, 200)] == [
         8, 8, 16, 128, 128, 200, 200]
-    assert E._bucket(77, 200, False) == 200
-    assert [E._smaller_bucket(s, 200) for s in (200, 128, 16, 8)] == [128, 64, 8, 0]
-    chunks = list(E._chunks(np.arange(100, 277), 80, compact=True))
+    assert B._bucket(77, 200, False) == 200
+    assert [B._smaller_bucket(s, 200) for s in (200, 128, 16, 8)] == [128, 64, 8, 0]
+    chunks = list(B._chunks(np.arange(100, 277), 80, compact=True))
     assert [(len(p), m) for p, m in chunks] == [(80, 80), (80, 80), (32, 17)]
     np.testing.assert_array_equal(chunks[-1][0][17:], 260)  # padding repeats the first index
-    padded = E._pad_labels(np.array([3, 4, 9, 9]), 2, 10)
+    padded = B._pad_labels(np.array([3, 4, 9, 9]), 2, 10)
     np.testing.assert_array_equal(padded, [3, 4, 0, 0])
     # Over 3 devices (mesh=): every size a multiple of 3, batch_size already rounded up to one.
-    assert E._bucket_sizes(201, 3) == [9, 18, 33, 66, 129, 201]
-    assert [len(p) for p, _ in E._chunks(np.arange(77), 201, compact=True, multiple=3)] == [129]
+    assert B._bucket_sizes(201, 3) == [9, 18, 33, 66, 129, 201]
+    assert [len(p) for p, _ in B._chunks(np.arange(77), 201, compact=True, multiple=3)] == [129]
 
 
 def test_mesh_argument(models):
@@ -128,8 +130,8 @@ def test_square_work_follows_the_examples_still_robust(models):
     keys = jax.vmap(lambda e: jax.random.fold_in(jax.random.fold_in(key, 0), e))(idx)
     keys = jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys)
     logits_fn = functools.partial(_apply, params)
-    st = E.square_init(logits_fn, x[idx], y[idx], keys=keys, eps=eps)
-    st = E.square_steps(logits_fn, x[idx], y[idx], st, keys=keys, eps=eps, n_queries=n_queries)
+    st = A.square_init(logits_fn, x[idx], y[idx], keys=keys, eps=eps)
+    st = A.square_steps(logits_fn, x[idx], y[idx], st, keys=keys, eps=eps, n_queries=n_queries)
     used = int(np.sum(1 + np.asarray(st.queries)))
     overhead = 8 * 32 * 3  # clean pass, final predictions and verification, in chunks of 32
     assert rows_compact <= 2 * used + overhead, (rows_compact, used)
@@ -149,8 +151,8 @@ def test_square_member_equals_the_attack_on_each_example(models):
     member_key = jax.random.fold_in(key, 0)
     keys = jax.vmap(lambda e: jax.random.fold_in(jax.random.fold_in(member_key, e), 0))(idx)
     kw = {"keys": keys, "eps": 0.05}
-    st = E.square_init(logits_fn, x[idx], y[idx], **kw)
-    st = E.square_steps(logits_fn, x[idx], y[idx], st, n_queries=200, **kw)
+    st = A.square_init(logits_fn, x[idx], y[idx], **kw)
+    st = A.square_steps(logits_fn, x[idx], y[idx], st, n_queries=200, **kw)
     broken0 = np.asarray(jnp.argmax(logits_fn(st.x_adv), -1)) != y[idx]
     assert 0 < broken0.sum() < len(idx)
     # Broken by the first run: the driver stored that run's point.
@@ -227,35 +229,35 @@ def test_what_is_cacheable(models):
     import flax.linen as nn
 
     params, _, _, _ = models
-    assert E._split_model(functools.partial(_apply, params)).cacheable
-    assert E._split_model(jax.jit(functools.partial(_apply, params))).cacheable
-    assert not E._split_model(lambda z: _apply(params, z)).cacheable  # closes over arrays
+    assert C._split_model(functools.partial(_apply, params)).cacheable
+    assert C._split_model(jax.jit(functools.partial(_apply, params))).cacheable
+    assert not C._split_model(lambda z: _apply(params, z)).cacheable  # closes over arrays
     # Containers are pytrees (their leaves are keyed by value); any other object may be
     # mutated between calls, unseen.
-    assert E._split_model(functools.partial(_apply, params, [1])).cacheable
-    assert not E._split_model(functools.partial(_apply, params, object())).cacheable
-    assert E._split_model(functools.partial(_apply, params)).arrays  # params travel as data
+    assert C._split_model(functools.partial(_apply, params, [1])).cacheable
+    assert not C._split_model(functools.partial(_apply, params, object())).cacheable
+    assert C._split_model(functools.partial(_apply, params)).arrays  # params travel as data
 
     model = nn.Dense(10)
     variables = model.init(jax.random.key(0), jnp.zeros((1, 64)))
-    assert E._split_model(functools.partial(model.apply, variables)).cacheable
-    assert not E._split_model(model.bind(variables)).cacheable  # a bound module holds its params
-    key_a = E._split_model(functools.partial(nn.Dense(10).apply, variables)).key
-    assert key_a == E._split_model(functools.partial(model.apply, variables)).key  # by value
-    assert key_a != E._split_model(functools.partial(nn.Dense(5).apply, variables)).key
+    assert C._split_model(functools.partial(model.apply, variables)).cacheable
+    assert not C._split_model(model.bind(variables)).cacheable  # a bound module holds its params
+    key_a = C._split_model(functools.partial(nn.Dense(10).apply, variables)).key
+    assert key_a == C._split_model(functools.partial(model.apply, variables)).key  # by value
+    assert key_a != C._split_model(functools.partial(nn.Dense(5).apply, variables)).key
 
     # Attacks: functions and partials by value, closures by the values they close over.
-    assert E._attack_key(functools.partial(A.pgd, steps=3)) == E._attack_key(
+    assert C._attack_key(functools.partial(A.pgd, steps=3)) == C._attack_key(
         functools.partial(A.pgd, steps=3))
-    assert E._attack_key(functools.partial(A.pgd, steps=3)) != E._attack_key(
+    assert C._attack_key(functools.partial(A.pgd, steps=3)) != C._attack_key(
         functools.partial(A.pgd, steps=4))
 
     def factory(v):
         return lambda logits_fn, x, y, **kw: A.pgd(logits_fn, x, y, steps=v, **kw)
 
-    assert E._attack_key(factory(2)) == E._attack_key(factory(2))
-    assert E._attack_key(factory(2)) != E._attack_key(factory(3))
-    assert not E._attack_key(factory(jnp.ones(2)))[0]  # an array in the closure
+    assert C._attack_key(factory(2)) == C._attack_key(factory(2))
+    assert C._attack_key(factory(2)) != C._attack_key(factory(3))
+    assert not C._attack_key(factory(jnp.ones(2)))[0]  # an array in the closure
 
 
 def test_benchmark_pairs_members_by_name_and_reports():
