@@ -20,11 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import toy_mlp
 
 import tscnc_jax as tj
 from tscnc_jax import models, parallel, training
-
-import toy_mlp  # noqa: E402  (tests/, the script's directory)
 
 AXIS = parallel.BATCH_AXIS
 STEPS = 5
