@@ -408,8 +408,9 @@ def test_long_lists_are_shortened(small_resnet):
 # --- The real PyTorch modules (skipped without torch) -------------------------------------------
 
 
-def _torch_reference_modules(torch):
-    """The reference modules, written from the same facts (see the module docstring)."""
+def _torch_reference_modules(torch, width=64):
+    """The reference modules, written from the same facts (see the module docstring), with every
+    conv width scaled by ``width / 64`` (the benchmarks' models at 64)."""
     nn, F = torch.nn, torch.nn.functional
 
     class BasicBlock(nn.Module):
@@ -431,16 +432,16 @@ def _torch_reference_modules(torch):
     class ResNet18(nn.Module):
         def __init__(self, num_classes=10):
             super().__init__()
-            self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(64)
-            in_planes = 64
-            for i, planes in enumerate((64, 128, 256, 512), start=1):
+            self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(width)
+            in_planes = width
+            for i, mult in enumerate((1, 2, 4, 8), start=1):
                 blocks = []
                 for stride in (1 if i == 1 else 2, 1):
-                    blocks.append(BasicBlock(in_planes, planes, stride))
-                    in_planes = planes
+                    blocks.append(BasicBlock(in_planes, width * mult, stride))
+                    in_planes = width * mult
                 setattr(self, f"layer{i}", nn.Sequential(*blocks))
-            self.linear = nn.Linear(512, num_classes)
+            self.linear = nn.Linear(8 * width, num_classes)
 
         def forward(self, x):
             out = F.relu(self.bn1(self.conv1(x)))
@@ -458,12 +459,13 @@ def _torch_reference_modules(torch):
                 if v == "M":
                     layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
                 else:
+                    v = v * width // 64
                     layers += [nn.Conv2d(in_channels, v, 3, padding=1, bias=False),
                                nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
                     in_channels = v
             self.features = nn.Sequential(*layers)
             self.avgpool = nn.AdaptiveAvgPool2d((2, 2))
-            self.classifier = nn.Sequential(nn.Linear(512 * 2 * 2, 256), nn.ReLU(True),
+            self.classifier = nn.Sequential(nn.Linear(in_channels * 2 * 2, 256), nn.ReLU(True),
                                             nn.Linear(256, 256), nn.ReLU(True),
                                             nn.Linear(256, num_classes))
 
@@ -472,6 +474,15 @@ def _torch_reference_modules(torch):
             return self.classifier(x)
 
     return {"resnet18": ResNet18, "vgg16_bn": VGG16BN}
+
+
+@pytest.mark.parametrize("width", [64, 8])
+@pytest.mark.parametrize("arch", ["resnet18", "vgg16_bn"])
+def test_reference_modules_have_the_reference_layout(arch, width):
+    torch = pytest.importorskip("torch")
+    module = _torch_reference_modules(torch, width)[arch](num_classes=7)
+    assert [(k, tuple(v.shape)) for k, v in module.state_dict().items()] == REFERENCE_KEYS[arch](
+        num_classes=7, width=width)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "vgg16_bn"])

@@ -175,72 +175,6 @@ def test_export_is_the_evaluated_masked_model(arch, smoke_run):
         assert "clean_acc" not in record and "robust_acc" not in record
 
 
-def _torch_twin(torch, arch: str, width: int, num_classes: int = 10):
-    """The benchmark's base model (the reference modules of tests/test_export.py) with every
-    conv width scaled by ``width / 64``."""
-    nn, F = torch.nn, torch.nn.functional
-
-    class BasicBlock(nn.Module):
-        def __init__(self, in_planes, planes, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(planes)
-            self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(planes)
-            self.shortcut = nn.Sequential()
-            if stride != 1 or in_planes != planes:
-                self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
-                                              nn.BatchNorm2d(planes))
-
-        def forward(self, x):
-            out = F.relu(self.bn1(self.conv1(x)))
-            return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-    class ResNet18(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv1 = nn.Conv2d(3, width, 3, 1, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(width)
-            in_planes = width
-            for i, mult in enumerate((1, 2, 4, 8), start=1):
-                blocks = []
-                for stride in (1 if i == 1 else 2, 1):
-                    blocks.append(BasicBlock(in_planes, width * mult, stride))
-                    in_planes = width * mult
-                setattr(self, f"layer{i}", nn.Sequential(*blocks))
-            self.linear = nn.Linear(8 * width, num_classes)
-
-        def forward(self, x):
-            out = F.relu(self.bn1(self.conv1(x)))
-            out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-            out = F.avg_pool2d(out, 4)
-            return self.linear(out.view(out.size(0), -1))
-
-    class VGG16BN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            layers, in_channels = [], 3
-            for v in [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
-                      512, 512, 512]:
-                if v == "M":
-                    layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
-                else:
-                    v = v * width // 64
-                    layers += [nn.Conv2d(in_channels, v, 3, padding=1, bias=False),
-                               nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
-                    in_channels = v
-            self.features = nn.Sequential(*layers)
-            self.avgpool = nn.AdaptiveAvgPool2d((2, 2))
-            self.classifier = nn.Sequential(nn.Linear(in_channels * 2 * 2, 256), nn.ReLU(True),
-                                            nn.Linear(256, 256), nn.ReLU(True),
-                                            nn.Linear(256, num_classes))
-
-        def forward(self, x):
-            return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
-
-    return {"resnet18": ResNet18, "vgg16_bn": VGG16BN}[arch]()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
 def test_pytorch_model_loads_it_strictly_and_computes_the_same_logits(arch, smoke_run):
@@ -248,13 +182,9 @@ def test_pytorch_model_loads_it_strictly_and_computes_the_same_logits(arch, smok
     safetensors_torch = pytest.importorskip("safetensors.torch")
     import test_export
 
-    # At width 64 the twin is the reference module of tests/test_export.py, name for name.
-    reference = test_export._torch_reference_modules(torch)[arch]()
-    assert {k: v.shape for k, v in _torch_twin(torch, arch, 64).state_dict().items()} == {
-        k: v.shape for k, v in reference.state_dict().items()}
-
     run = smoke_run(arch)
-    twin = _torch_twin(torch, arch, WIDTH)
+    # The benchmark's base model (the reference module of tests/test_export.py) at the run's width.
+    twin = test_export._torch_reference_modules(torch, WIDTH)[arch]()
     result = twin.load_state_dict(safetensors_torch.load_file(str(run.out / "model.safetensors")),
                                   strict=True)
     assert not result.missing_keys and not result.unexpected_keys
