@@ -2,8 +2,8 @@
 
     python -m experiments.demo --workdir=runs/demo
 
-Runs the three runs of ``experiments/configs/demo.py`` (the two pruning runs start from the
-dense run's final checkpoint), then prints and writes the comparison table
+Runs the three runs of ``experiments/configs/demo.py`` (HYDRA prunes the dense run's network,
+HYDRA + TSCNC fine-tunes HYDRA's pruned network), then prints and writes the comparison table
 (``<workdir>/results.md``) and ``kappa_vs_layer.png``. Rerunning resumes; finished runs are
 read back from their checkpoints and re-evaluated.
 """
@@ -56,9 +56,9 @@ def run(workdir: str | pathlib.Path, *, smoke: bool = False,
             for p in parents:
                 node = getattr(node, p)
             setattr(node, leaf, value)  # a locked ConfigDict rejects unknown keys by name
-        if method != "dense":
+        if demo_config.STARTS_FROM[method]:
             with config.unlocked():
-                config.init_dir = str(workdir / "dense")
+                config.init_dir = str(workdir / demo_config.STARTS_FROM[method])
         t0 = time.time()
         evaluate.train_and_evaluate(config, workdir / method)
         print(f"{method}: {time.time() - t0:.0f} s", flush=True)
@@ -73,9 +73,10 @@ def main(argv):
     t0 = time.time()
     table = run(FLAGS.workdir, smoke=FLAGS.smoke)
     data = "synthetic data (smoke)" if FLAGS.smoke else "Fashion-MNIST"
-    print(f"\n{data}, small CNN, eps 0.1, seed 0; accuracies in % on the first 1,000 test "
-          f"images (PGD-20; ensemble = APGD-CE, APGD-T, Square); {time.time() - t0:.0f} s in "
-          f"all.\n")
+    num_test = demo_config.get_config("dense,smoke" if FLAGS.smoke else "dense").eval.num_test
+    print(f"\n{data}, small CNN, eps 0.1, seed 0; accuracies in % on the first {num_test:,} "
+          f"test images (PGD-20; ensemble = APGD-CE, APGD-T, Square); {time.time() - t0:.0f} s "
+          f"in all.\n")
     print(table)
 
 

@@ -511,12 +511,28 @@ def evaluated_params(config, state: tj.TrainState):
 
 def _stage_dirs(config, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
     """The run directory each stage a run needs is trained in or loaded from: its own
-    ``workdir`` for the stages in ``config.stages``, ``config.init_dir`` (default: ``workdir``)
-    for the earlier ones it starts from."""
+    ``workdir`` for the stages in ``config.stages``; for the earlier ones it starts from, the run
+    ``config.init_dir`` (default: ``workdir``), or, where that run did not train the stage itself,
+    the run it started from in turn (its recorded ``init_dir``): a run started from a HYDRA run's
+    finished prune stage finds the dense stage that HYDRA run pruned."""
     stages = split_stages(config.stages)
     source = pathlib.Path(config.init_dir) if config.init_dir else workdir
     needed = STAGES[:max(STAGES.index(s) for s in stages) + 1]
-    return {s: workdir if s in stages else source for s in needed}
+    return {s: workdir if s in stages else _run_with_stage(source, s) for s in needed}
+
+
+def _run_with_stage(run: pathlib.Path, stage: str, depth: int = 8) -> pathlib.Path:
+    """``run`` if it holds ``stage``'s final checkpoint, else the run its recorded config's
+    ``init_dir`` leads to (at most ``depth`` links); ``run`` when neither holds it (the caller
+    names the missing checkpoint)."""
+    recorded = run / workdir_lib.CONFIG_FILE
+    if _stage_final(run, stage).exists() or depth == 0 or not recorded.exists():
+        return run
+    init_dir = json.loads(recorded.read_text()).get("init_dir")
+    if not init_dir:
+        return run
+    found = _run_with_stage(pathlib.Path(init_dir), stage, depth - 1)
+    return found if _stage_final(found, stage).exists() else run
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Trained:

@@ -358,6 +358,18 @@ def test_demo_stage_by_stage_equals_one_command(tmp_path):
     assert set(summary["dense_kappa"]) == set(summary["kappa"])
     for name in ("accuracy.png", "kappa_layers.png"):
         assert (tmp_path / "one" / name).stat().st_size > 0
+    # The TSCNC branch fine-tunes the HYDRA run's pruned network (stages: finetune; init_dir: the
+    # HYDRA run, whose dense stage is found through that run's own init_dir): the same as
+    # pruning the dense run's network in the branch itself.
+    config = _config("demo", "hydra_tscnc,smoke")
+    assert tuple(config.stages) == ("finetune",)
+    config.stages, config.init_dir = ("prune", "finetune"), str(tmp_path / "demo" / "dense")
+    own = evaluate.train_and_evaluate(config, tmp_path / "own")
+    a = jax.tree.leaves(_checkpoint_tree(tmp_path / "demo" / "hydra_tscnc"))
+    b = jax.tree.leaves(_checkpoint_tree(tmp_path / "own"))
+    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    branch = json.loads((tmp_path / "demo" / "hydra_tscnc" / "summary.json").read_text())
+    assert branch["clean_acc"] == own["clean_acc"] and branch["dense_kappa"] == own["dense_kappa"]
 
 
 @pytest.mark.slow
