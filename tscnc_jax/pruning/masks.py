@@ -107,6 +107,54 @@ def global_top_k(keys: list[Array], sizes: list[int], sparsity: Any, min_kept: i
     return top_k_groups([keys], [k])[0]
 
 
+def keep_top(treedef, leaves: list, idx: Sequence[int], keys: list[Array], sizes: list[int],
+             sparsity: Any, *, min_kept: int | None = None, channels: bool = False) -> PyTree:
+    """Masks tree keeping, of the selected leaves ``leaves[i]`` (``i`` in ``idx``), the entries
+    with the largest ``keys`` (``sizes`` of them per leaf): ``num_to_prune(size, sparsity)``
+    removed in each leaf (``min_kept=None``) or in one ranking across the leaves
+    (:func:`global_top_k` with ``min_kept``). ``channels``: a key ranks a leaf's output channel
+    (last axis), whose mask is broadcast over its filter."""
+    if min_kept is None:
+        kept = top_k_each(keys, [n - num_to_prune(n, sparsity) for n in sizes])
+    else:
+        kept = global_top_k(keys, sizes, sparsity, min_kept)
+    shape = jnp.broadcast_to if channels else jnp.reshape
+    new = [shape(m, leaves[i].shape) for i, m in zip(idx, kept, strict=True)]
+    return assemble(treedef, len(leaves), idx, new)
+
+
+def _channel_keys(x: Array, prev: Array | None, fdt: Any, udt: Any) -> Array:
+    """Order keys of the output channels (last axis) by the L2 norm of their filters."""
+    if x.ndim < 2:
+        raise ValueError(f"channel pruning needs kernels with ndim >= 2, got shape {x.shape}.")
+    axes = tuple(range(x.ndim - 1))
+    norms = jnp.sqrt(jnp.sum(jnp.square(x.astype(fdt)), axis=axes))
+    alive = None if prev is None else jnp.any(jnp.asarray(prev, bool), axis=axes)
+    return keys_with_history(norms, alive, fdt, udt)
+
+
+def _norm_masks(params: PyTree, sparsity: Any, masks: PyTree | None,
+                filter_fn: FilterFn | None, *, channels: bool, min_kept: int | None) -> PyTree:
+    """The magnitude and channel mask makers: entries ranked by ``|w|`` (``channels``: output
+    channels by filter L2 norm, :func:`_channel_keys`), per leaf (``min_kept=None``) or
+    globally."""
+    check_sparsity(sparsity)
+    if min_kept is not None:
+        check_min_kept(min_kept)
+    idx, leaves, prev, treedef = selected_leaves(params, masks, filter_fn)
+    if min_kept is not None and not idx:
+        return assemble(treedef, len(leaves), idx, [])
+    fdt, udt = key_dtypes([leaves[i] for i in idx])
+    if channels:
+        keys = [_channel_keys(leaves[i], prev[i], fdt, udt) for i in idx]
+        sizes = [leaves[i].shape[-1] for i in idx]
+    else:
+        keys = [keys_with_history(jnp.abs(leaves[i]), prev[i], fdt, udt) for i in idx]
+        sizes = [leaves[i].size for i in idx]
+    return keep_top(treedef, leaves, idx, keys, sizes, sparsity, min_kept=min_kept,
+                    channels=channels)
+
+
 # ----------------------------------------------------------------------------------------------
 # Mask makers.
 # ----------------------------------------------------------------------------------------------
@@ -132,14 +180,7 @@ def layerwise_magnitude_masks(
     Returns:
       Masks tree (``bool`` leaves, ``None`` for unselected leaves).
     """
-    check_sparsity(sparsity)
-    idx, leaves, prev, treedef = selected_leaves(params, masks, filter_fn)
-    fdt, udt = key_dtypes([leaves[i] for i in idx])
-    keys = [keys_with_history(jnp.abs(leaves[i]), prev[i], fdt, udt) for i in idx]
-    ks = [leaves[i].size - num_to_prune(leaves[i].size, sparsity) for i in idx]
-    kept = top_k_each(keys, ks)
-    new = [m.reshape(leaves[i].shape) for i, m in zip(idx, kept, strict=True)]
-    return assemble(treedef, len(leaves), idx, new)
+    return _norm_masks(params, sparsity, masks, filter_fn, channels=False, min_kept=None)
 
 
 def global_magnitude_masks(
@@ -164,17 +205,8 @@ def global_magnitude_masks(
     Returns:
       Masks tree.
     """
-    check_sparsity(sparsity)
-    check_min_kept(min_kept_per_layer)
-    idx, leaves, prev, treedef = selected_leaves(params, masks, filter_fn)
-    if not idx:
-        return assemble(treedef, len(leaves), idx, [])
-    fdt, udt = key_dtypes([leaves[i] for i in idx])
-    keys = [keys_with_history(jnp.abs(leaves[i]), prev[i], fdt, udt) for i in idx]
-    sizes = [leaves[i].size for i in idx]
-    kept = global_top_k(keys, sizes, sparsity, min_kept_per_layer)
-    new = [m.reshape(leaves[i].shape) for i, m in zip(idx, kept, strict=True)]
-    return assemble(treedef, len(leaves), idx, new)
+    return _norm_masks(params, sparsity, masks, filter_fn, channels=False,
+                       min_kept=min_kept_per_layer)
 
 
 def random_masks(
@@ -206,20 +238,7 @@ def random_masks(
         )
         for i in idx
     ]
-    ks = [leaves[i].size - num_to_prune(leaves[i].size, sparsity) for i in idx]
-    kept = top_k_each(keys, ks)
-    new = [m.reshape(leaves[i].shape) for i, m in zip(idx, kept, strict=True)]
-    return assemble(treedef, len(leaves), idx, new)
-
-
-def _channel_keys(x: Array, prev: Array | None, fdt: Any, udt: Any) -> Array:
-    """Order keys of the output channels (last axis) by the L2 norm of their filters."""
-    if x.ndim < 2:
-        raise ValueError(f"channel pruning needs kernels with ndim >= 2, got shape {x.shape}.")
-    axes = tuple(range(x.ndim - 1))
-    norms = jnp.sqrt(jnp.sum(jnp.square(x.astype(fdt)), axis=axes))
-    alive = None if prev is None else jnp.any(jnp.asarray(prev, bool), axis=axes)
-    return keys_with_history(norms, alive, fdt, udt)
+    return keep_top(treedef, leaves, idx, keys, [leaves[i].size for i in idx], sparsity)
 
 
 def layerwise_channel_masks(
@@ -243,14 +262,7 @@ def layerwise_channel_masks(
     Returns:
       Masks tree.
     """
-    check_sparsity(sparsity)
-    idx, leaves, prev, treedef = selected_leaves(params, masks, filter_fn)
-    fdt, udt = key_dtypes([leaves[i] for i in idx])
-    keys = [_channel_keys(leaves[i], prev[i], fdt, udt) for i in idx]
-    channels = [leaves[i].shape[-1] for i in idx]
-    kept = top_k_each(keys, [c - num_to_prune(c, sparsity) for c in channels])
-    new = [jnp.broadcast_to(m, leaves[i].shape) for i, m in zip(idx, kept, strict=True)]
-    return assemble(treedef, len(leaves), idx, new)
+    return _norm_masks(params, sparsity, masks, filter_fn, channels=True, min_kept=None)
 
 
 def global_channel_masks(
@@ -276,17 +288,8 @@ def global_channel_masks(
     Returns:
       Masks tree.
     """
-    check_sparsity(sparsity)
-    check_min_kept(min_kept_per_layer)
-    idx, leaves, prev, treedef = selected_leaves(params, masks, filter_fn)
-    if not idx:
-        return assemble(treedef, len(leaves), idx, [])
-    fdt, udt = key_dtypes([leaves[i] for i in idx])
-    keys = [_channel_keys(leaves[i], prev[i], fdt, udt) for i in idx]
-    sizes = [leaves[i].shape[-1] for i in idx]
-    kept = global_top_k(keys, sizes, sparsity, min_kept_per_layer)
-    new = [jnp.broadcast_to(m, leaves[i].shape) for i, m in zip(idx, kept, strict=True)]
-    return assemble(treedef, len(leaves), idx, new)
+    return _norm_masks(params, sparsity, masks, filter_fn, channels=True,
+                       min_kept=min_kept_per_layer)
 
 
 # ----------------------------------------------------------------------------------------------
