@@ -74,12 +74,19 @@ def penalty_values(opt_state: Any) -> dict[str, jax.Array]:
 
 
 def _add_penalty_gradient(
-    penalty_fn: Callable[[Any], jax.Array],
+    penalty: Callable[..., jax.Array],
+    hyperparameters: dict[str, Any],
     weight: optax.ScalarOrSchedule,
     name: str,
     state_cls: type,
+    **tree_kwargs: Any,
 ) -> optax.GradientTransformation:
+    """The transformation ``name`` adding ``weight * grad`` of ``penalty(params,
+    **hyperparameters, **tree_kwargs)``; the hyperparameters are validated at construction (a
+    call on an empty tree), so that bad ones fail before any tracing."""
+    penalty({}, **hyperparameters)
     _validation.check_nonnegative("weight", weight)
+    penalty_fn = functools.partial(penalty, **hyperparameters, **tree_kwargs)
 
     def init_fn(params):
         del params
@@ -135,27 +142,12 @@ def add_condition_number_penalty(
       >>> zeros = jax.tree.map(jnp.zeros_like, params)
       >>> updates, state = tx.update(zeros, state, params)
     """
-    # Validate eagerly (at construction) so bad hyperparameters fail before any tracing.
-    penalties.condition_number_penalty(
-        {}, temperature=temperature, delta=delta, form=form, eps=eps, reduce=reduce, live=live
-    )
-
-    def penalty_fn(params):
-        return penalties.condition_number_penalty(
-            params,
-            temperature=temperature,
-            delta=delta,
-            form=form,
-            eps=eps,
-            filter_fn=filter_fn,
-            masks=masks,
-            reduce=reduce,
-            live=live,
-        )
-
+    hyperparameters = dict(temperature=temperature, delta=delta, form=form, eps=eps,
+                           reduce=reduce, live=live)
     return _add_penalty_gradient(
-        penalty_fn, weight, "add_condition_number_penalty", ConditionNumberPenaltyState
-    )
+        penalties.condition_number_penalty, hyperparameters, weight,
+        "add_condition_number_penalty", ConditionNumberPenaltyState, filter_fn=filter_fn,
+        masks=masks)
 
 
 def add_transformed_sparsity_penalty(
@@ -180,16 +172,10 @@ def add_transformed_sparsity_penalty(
     Returns:
       An :class:`optax.GradientTransformation` whose ``update`` requires ``params``.
     """
-    penalties.transformed_sparsity_penalty({}, a=a, eps=eps, reduce=reduce)
-
-    def penalty_fn(params):
-        return penalties.transformed_sparsity_penalty(
-            params, a=a, eps=eps, filter_fn=filter_fn, masks=masks, reduce=reduce
-        )
-
     return _add_penalty_gradient(
-        penalty_fn, weight, "add_transformed_sparsity_penalty", SparsityPenaltyState
-    )
+        penalties.transformed_sparsity_penalty, dict(a=a, eps=eps, reduce=reduce), weight,
+        "add_transformed_sparsity_penalty", SparsityPenaltyState, filter_fn=filter_fn,
+        masks=masks)
 
 
 def add_gated_sparsity_penalty(
@@ -211,13 +197,11 @@ def add_gated_sparsity_penalty(
     gates in the authors' range. The state is a :class:`SparsityPenaltyState`, so
     :func:`penalty_values` reports the value as ``"tsc"``.
     """
-    kwargs = dict(form=form, a=a, num_train=num_train, weight_decay=weight_decay,
-                  lambda0=lambda0, prior_keep=prior_keep, masks=masks)
-    penalties.gated_sparsity_penalty({}, **kwargs)  # validates the arguments
-
+    hyperparameters = dict(form=form, a=a, num_train=num_train, weight_decay=weight_decay,
+                           lambda0=lambda0, prior_keep=prior_keep, masks=masks)
     return _add_penalty_gradient(
-        functools.partial(penalties.gated_sparsity_penalty, **kwargs), weight,
-        "add_gated_sparsity_penalty", SparsityPenaltyState)
+        penalties.gated_sparsity_penalty, hyperparameters, weight, "add_gated_sparsity_penalty",
+        SparsityPenaltyState)
 
 
 def clamp_log_alpha_updates(lo: float = math.log(0.01),
