@@ -57,6 +57,21 @@ def parse_variant(variant: str | None) -> tuple[str, str]:
     return (rest[0] if rest else "fashion_mnist"), (sizes[0] if sizes else "full")
 
 
+def _weight_stage(epochs: int, learning_rate: float) -> ml_collections.ConfigDict:
+    """A stage that trains the weights (dense, finetune): Nesterov SGD with weight decay and the
+    penalties' weights (0: off)."""
+    s = ml_collections.ConfigDict()
+    s.epochs = epochs
+    s.learning_rate = learning_rate
+    s.momentum = 0.9
+    s.nesterov = True
+    s.weight_decay = 5e-4
+    s.cnc_weight = 0.0
+    s.tsc_weight = 0.0
+    s.gated_tsc_weight = 0.0
+    return s
+
+
 def get_base_config(variant: str | None = None) -> ml_collections.ConfigDict:
     """The shared defaults, specialised to the variant's dataset (see the module docstring)."""
     dataset, _ = parse_variant(variant)
@@ -138,15 +153,7 @@ def get_base_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.gated_tsc.prior_keep = defaults.GATED_PRIOR_KEEP
     c.clamp_gates = False  # the authors' per-step clamp of log_alpha to [log 0.01, log 100]
 
-    c.dense = ml_collections.ConfigDict()
-    c.dense.epochs = 10
-    c.dense.learning_rate = 0.05
-    c.dense.momentum = 0.9
-    c.dense.nesterov = True
-    c.dense.weight_decay = 5e-4
-    c.dense.cnc_weight = 0.0
-    c.dense.tsc_weight = 0.0
-    c.dense.gated_tsc_weight = 0.0
+    c.dense = _weight_stage(epochs=10, learning_rate=0.05)
 
     c.prune = ml_collections.ConfigDict()
     c.prune.method = "hydra"  # hydra | lwm | global | random
@@ -160,15 +167,7 @@ def get_base_config(variant: str | None = None) -> ml_collections.ConfigDict:
     c.prune.momentum = 0.9
     c.prune.nesterov = False
 
-    c.finetune = ml_collections.ConfigDict()
-    c.finetune.epochs = 3
-    c.finetune.learning_rate = 0.01
-    c.finetune.momentum = 0.9
-    c.finetune.nesterov = True
-    c.finetune.weight_decay = 5e-4
-    c.finetune.cnc_weight = 0.0
-    c.finetune.tsc_weight = 0.0
-    c.finetune.gated_tsc_weight = 0.0
+    c.finetune = _weight_stage(epochs=3, learning_rate=0.01)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.num_val = 1000
