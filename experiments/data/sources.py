@@ -13,6 +13,7 @@ import threading
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,24 +82,28 @@ class DatasetSpec:
 _IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
               "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
 
+
+def _idx_spec(**kwargs: Any) -> DatasetSpec:
+    """A data set in MNIST's format: 60,000 + 10,000 28x28 grey images of 10 classes in the four
+    IDX files, trained without mirroring."""
+    return DatasetSpec(image_shape=(28, 28, 1), num_classes=10, num_train=60_000,
+                       num_test=10_000, files=_IDX_FILES, horizontal_flip=False,
+                       locate=locate_idx, read=read_idx_dataset,
+                       alternatives="each may also be gunzipped and named without .gz", **kwargs)
+
+
 DATASETS: dict[str, DatasetSpec] = {
     s.name: s
     for s in (
-        DatasetSpec(
-            name="mnist", title="MNIST", image_shape=(28, 28, 1), num_classes=10,
-            num_train=60_000, num_test=10_000, files=_IDX_FILES,
+        _idx_spec(
+            name="mnist", title="MNIST",
             base_url="https://storage.googleapis.com/cvdf-datasets/mnist/",
-            homepage="http://yann.lecun.com/exdb/mnist/", horizontal_flip=False,
-            locate=locate_idx, read=read_idx_dataset,
-            alternatives="each may also be gunzipped and named without .gz"),
-        DatasetSpec(
-            name="fashion_mnist", title="Fashion-MNIST", image_shape=(28, 28, 1), num_classes=10,
-            num_train=60_000, num_test=10_000, files=_IDX_FILES,
+            homepage="http://yann.lecun.com/exdb/mnist/"),
+        _idx_spec(
+            name="fashion_mnist", title="Fashion-MNIST",
             base_url="http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
-            homepage="https://github.com/zalandoresearch/fashion-mnist", horizontal_flip=False,
-            locate=locate_idx, read=read_idx_dataset,
-            debian_dir=DEBIAN_FASHION_MNIST_DIR, debian_package="dataset-fashion-mnist",
-            alternatives="each may also be gunzipped and named without .gz"),
+            homepage="https://github.com/zalandoresearch/fashion-mnist",
+            debian_dir=DEBIAN_FASHION_MNIST_DIR, debian_package="dataset-fashion-mnist"),
         DatasetSpec(
             name="cifar10", title="CIFAR-10", image_shape=(32, 32, 3), num_classes=10,
             num_train=50_000, num_test=10_000, files=("cifar-10-python.tar.gz",),
