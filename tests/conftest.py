@@ -14,7 +14,9 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import tscnc_jax
@@ -38,6 +40,21 @@ def random_with_spectrum(rng: np.random.Generator, m: int, n: int, s: np.ndarray
     u, _ = np.linalg.qr(rng.standard_normal((m, r)))
     v, _ = np.linalg.qr(rng.standard_normal((n, r)))
     return (u * s) @ v.T
+
+
+def penalty_steps(tx, params, steps: int):
+    """``params`` after ``steps`` updates of ``tx`` on zero loss gradients, so that only what
+    ``tx`` adds (a penalty's gradient) moves them; one jitted ``lax.scan``."""
+    zero = jax.tree.map(jnp.zeros_like, params)
+
+    def body(carry, _):
+        p, state = carry
+        updates, state = tx.update(zero, state, p)
+        return (optax.apply_updates(p, updates), state), None
+
+    (params, _), _ = jax.jit(lambda c: jax.lax.scan(body, c, length=steps))(
+        (params, tx.init(params)))
+    return params
 
 
 def random_mask(rng: np.random.Generator, shape, sparsity: float) -> np.ndarray:

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 import stall
-from conftest import random_mask, random_with_spectrum
+from conftest import penalty_steps, random_mask, random_with_spectrum
 
 import tscnc_jax as tj
 from tscnc_jax import parallel
@@ -496,15 +496,7 @@ def test_toy_run_drives_kappa_below_two_with_k1():
     params = {"w": jax.random.normal(jax.random.key(0), (64, 64)) / 8.0}
     assert tj.tree_condition_numbers(params)["w"] > 100
     tx = optax.chain(st.add_tracked_condition_number_penalty(1.0, k=1), optax.sgd(0.1))
-    zero = jax.tree.map(jnp.zeros_like, params)
-
-    def body(carry, _):
-        p, s = carry
-        updates, s = tx.update(zero, s, p)
-        return (optax.apply_updates(p, updates), s), None
-
-    (params, _), _ = jax.jit(lambda c: jax.lax.scan(body, c, length=200))(
-        (params, tx.init(params)))
+    params = penalty_steps(tx, params, 200)
     assert tj.tree_condition_numbers(params)["w"] < 2.0
 
 

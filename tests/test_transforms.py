@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import penalty_steps
 
 import tscnc_jax as tj
 
@@ -203,14 +204,6 @@ def test_toy_run_drives_kappa_below_two():
     assert kappa0 > 100
     tx = optax.chain(tj.add_condition_number_penalty(1.0, temperature=0.1, delta=1e-3),
                      optax.sgd(0.1))
-    zero = jax.tree.map(jnp.zeros_like, params)
-
-    def body(carry, _):
-        params, state = carry
-        updates, state = tx.update(zero, state, params)
-        return (optax.apply_updates(params, updates), state), None
-
-    (params, _), _ = jax.jit(lambda c: jax.lax.scan(body, c, length=200))(
-        (params, tx.init(params)))
+    params = penalty_steps(tx, params, 200)
     kappa = tj.tree_condition_numbers(params)["w"]
     assert kappa < 2.0, (kappa0, kappa)
