@@ -60,7 +60,9 @@ def _masking_diagnostics(
         if extra > 0:
             notes.append(
                 f"possible gradient masking: black-box {nm!r} broke {extra} example(s) that the "
-                f"white-box attacks ({', '.join(white)}) did not."
+                f"white-box attacks ({', '.join(white)}) did not; on such a model a second Square "
+                "run on the survivors (attacks=AutoAttackConfig(square_restarts=2)) may break "
+                "more."
             )
 
     idx = np.flatnonzero(clean_correct)[:batch_size]
