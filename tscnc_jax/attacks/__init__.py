@@ -1,9 +1,19 @@
 """Adversarial attacks as pure functions over a ``logits_fn(x) -> logits``.
 
 Every attack has the signature ``attack(logits_fn, x, y, *, key, eps, norm, bounds, ...)`` and
-returns adversarial inputs of the shape and dtype of ``x``. Hyperparameters that change the shape of
-the computation (steps, restarts, targets, queries, the loss and the norm) are static Python values;
-``eps`` may be a traced scalar. Nothing is jitted here: callers jit, e.g.::
+returns adversarial inputs of the shape and dtype of ``x``. Those arguments, documented here once
+(an attack's docstring adds what is particular to it):
+
+* ``logits_fn``: maps a batch ``x_Bx...`` to logits ``B x K``.
+* ``x``: clean inputs inside ``bounds``; ``y``: integer labels ``B``.
+* ``key``: PRNG key of the attack's random draws.
+* ``eps``: radius of the threat model.
+* ``norm``: ``"linf"`` or ``"l2"``; ``bounds``: ``(lo, hi)`` box of valid inputs (``(0, 1)`` by
+  default).
+
+Hyperparameters that change the shape of the computation (steps, restarts, targets, queries, the
+loss and the norm) are static Python values; ``eps`` may be a traced scalar. Nothing is jitted
+here: callers jit, e.g.::
 
     attack = jax.jit(lambda x, y, key: apgd(logits_fn, x, y, key=key, eps=8 / 255))
     x_adv = attack(x_BxHxWxC, y_B, jax.random.key(0))

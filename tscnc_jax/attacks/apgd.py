@@ -206,14 +206,9 @@ def apgd(
     of a deterministic model would be the same, and one is made.
 
     Args:
-      logits_fn: maps a batch ``x_Bx...`` to logits ``B x K``; with ``stochastic=True``,
-        ``logits_fn(x, key)``.
-      x: clean inputs inside ``bounds``.
-      y: integer labels ``B``.
+      logits_fn, x, y, eps, norm, bounds: the attacks' shared arguments (:mod:`tscnc_jax.attacks`);
+        with ``stochastic=True``, ``logits_fn(x, key)``.
       key: PRNG key for the starting points.
-      eps: radius of the threat model (may be traced).
-      norm: ``"linf"`` or ``"l2"``.
-      bounds: ``(lo, hi)`` box of valid inputs.
       steps: iterations per run (static).
       restarts: runs (per target for APGD-T), skipped once every example is broken.
       loss: ``"ce"`` (APGD-CE), ``"dlr"``, ``"cw"`` or ``"dlr-targeted"`` (APGD-T).

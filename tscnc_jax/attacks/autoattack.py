@@ -168,52 +168,48 @@ def autoattack_members(
             apgd, loss=loss, steps=steps, restarts=restarts, rho=cfg.rho, **extra, **eot
         )
 
-    members: list[tuple[str, AttackFn]] = [
-        ("apgd-ce", apgd_member("ce", cfg.apgd_ce_steps, cfg.apgd_ce_restarts))
+    # (name, whether the version runs it for n_classes, the attack), in the cascade's order.
+    candidates: list[tuple[str, bool, AttackFn]] = [
+        ("apgd-ce", True, apgd_member("ce", cfg.apgd_ce_steps, cfg.apgd_ce_restarts)),
+        (
+            "apgd-dlr",
+            cfg.apgd_dlr_restarts > 0 and n_classes >= 3,
+            apgd_member("dlr", cfg.apgd_dlr_steps, cfg.apgd_dlr_restarts),
+        ),
+        (
+            "apgd-t",
+            cfg.apgd_t_targets > 0 and n_classes >= 4,
+            apgd_member(
+                "dlr-targeted",
+                cfg.apgd_t_steps,
+                cfg.apgd_t_restarts,
+                n_target_classes=min(cfg.apgd_t_targets, n_classes - 1),
+            ),
+        ),
+        (
+            "fab-t",
+            cfg.fab_t_targets > 0,
+            functools.partial(
+                fab,
+                targeted=True,
+                steps=cfg.fab_t_steps,
+                restarts=cfg.fab_t_restarts,
+                n_target_classes=min(cfg.fab_t_targets, n_classes - 1),
+            ),
+        ),
+        (
+            "square",
+            cfg.square_queries > 0,
+            functools.partial(
+                square,
+                n_queries=cfg.square_queries,
+                p_init=cfg.square_p_init,
+                restarts=cfg.square_restarts,
+                rescale_schedule=cfg.square_rescale_schedule,
+            ),
+        ),
     ]
-    if cfg.apgd_dlr_restarts > 0 and n_classes >= 3:
-        members.append(
-            ("apgd-dlr", apgd_member("dlr", cfg.apgd_dlr_steps, cfg.apgd_dlr_restarts))
-        )
-    if cfg.apgd_t_targets > 0 and n_classes >= 4:
-        members.append(
-            (
-                "apgd-t",
-                apgd_member(
-                    "dlr-targeted",
-                    cfg.apgd_t_steps,
-                    cfg.apgd_t_restarts,
-                    n_target_classes=min(cfg.apgd_t_targets, n_classes - 1),
-                ),
-            )
-        )
-    if cfg.fab_t_targets > 0:
-        members.append(
-            (
-                "fab-t",
-                functools.partial(
-                    fab,
-                    targeted=True,
-                    steps=cfg.fab_t_steps,
-                    restarts=cfg.fab_t_restarts,
-                    n_target_classes=min(cfg.fab_t_targets, n_classes - 1),
-                ),
-            )
-        )
-    if cfg.square_queries > 0:
-        members.append(
-            (
-                "square",
-                functools.partial(
-                    square,
-                    n_queries=cfg.square_queries,
-                    p_init=cfg.square_p_init,
-                    restarts=cfg.square_restarts,
-                    rescale_schedule=cfg.square_rescale_schedule,
-                ),
-            )
-        )
-    return members
+    return [(name, attack) for name, runs, attack in candidates if runs]
 
 
 class AutoAttackResult(NamedTuple):
@@ -277,14 +273,10 @@ def auto_attack(
     len(AUTOATTACK_ALL_ATTACKS)``.
 
     Args:
-      logits_fn: maps a batch to logits ``B x K``; with ``stochastic=True``, ``logits_fn(x, key)``.
-      x: clean inputs inside ``bounds``.
-      y: integer labels ``B``.
+      logits_fn, x, y, eps, norm, bounds: the attacks' shared arguments (:mod:`tscnc_jax.attacks`);
+        with ``stochastic=True``, ``logits_fn(x, key)``.
       key: PRNG key (attack ``i`` uses ``fold_in(key, i)``, ``i`` its index in
         :data:`AUTOATTACK_ALL_ATTACKS`).
-      eps: radius of the threat model.
-      norm: ``"linf"`` or ``"l2"``.
-      bounds: ``(lo, hi)`` box of valid inputs.
       version: ``"standard"``, ``"fast"``, ``"rand"`` or an :class:`AutoAttackConfig`.
       stochastic: ``logits_fn`` is a randomised model that takes the key of its randomness.
       n_draws: draws of a stochastic model's randomness per correctness check (ignored otherwise).

@@ -303,13 +303,8 @@ def fab(
     pass (untargeted: one per class) and one forward pass.
 
     Args:
-      logits_fn: maps a batch ``x_Bx...`` to logits ``B x K``.
-      x: clean inputs inside ``bounds``.
-      y: integer labels ``B``.
+      logits_fn, x, y, eps, norm, bounds: the attacks' shared arguments (:mod:`tscnc_jax.attacks`).
       key: PRNG key for the random restarts.
-      eps: radius of the threat model (may be traced).
-      norm: ``"linf"`` or ``"l2"``.
-      bounds: ``(lo, hi)`` box of valid inputs.
       steps: iterations per run (static; AutoAttack: 100).
       restarts: runs per target (AutoAttack's FAB-T: 1).
       n_target_classes: targets of FAB-T; default ``min(9, K - 1)`` (AutoAttack uses 9). Ignored

@@ -50,13 +50,8 @@ def fgsm(
     ``x_adv = clip(x + eps * sign(grad_x L(x, y)))`` for L-inf, ``x + eps * g / ||g||_2`` for L2.
 
     Args:
-      logits_fn: maps a batch ``x_Bx...`` to logits ``B x K``.
-      x: clean inputs inside ``bounds``.
-      y: integer labels ``B``.
+      logits_fn, x, y, eps, norm, bounds: the attacks' shared arguments (:mod:`tscnc_jax.attacks`).
       key: unused (FGSM is deterministic); accepted for a uniform attack signature.
-      eps: radius of the threat model.
-      norm: ``"linf"`` or ``"l2"``.
-      bounds: ``(lo, hi)`` box of valid inputs.
       loss: one of ``PGD_LOSSES`` (``"kl"`` has zero gradient at ``x``; avoid it here).
 
     Returns:
@@ -135,13 +130,8 @@ def pgd(
     any (the one of highest loss), otherwise the iterate of highest loss, over all restarts.
 
     Args:
-      logits_fn: maps a batch ``x_Bx...`` to logits ``B x K``.
-      x: clean inputs inside ``bounds``.
-      y: integer labels ``B``.
+      logits_fn, x, y, eps, norm, bounds: the attacks' shared arguments (:mod:`tscnc_jax.attacks`).
       key: PRNG key for the random starts.
-      eps: radius of the threat model (may be traced).
-      norm: ``"linf"`` or ``"l2"``.
-      bounds: ``(lo, hi)`` box of valid inputs.
       steps: gradient steps per restart (static).
       restarts: independent runs (static); later runs are skipped once all examples are broken.
       step_size: step length; default ``2.5 * eps / steps``.

@@ -468,13 +468,8 @@ def square(
     every example is done. The run is :func:`square_init` followed by :func:`square_steps`.
 
     Args:
-      logits_fn: maps a batch to logits ``B x K``.
-      x: clean inputs inside ``bounds``; ``B x H x W x C`` (NHWC), ``B x H x W`` or ``B x D``.
-      y: integer labels ``B``.
-      key: PRNG key.
-      eps: radius (may be traced).
-      norm: ``"linf"`` or ``"l2"``.
-      bounds: ``(lo, hi)`` box of valid inputs.
+      logits_fn, x, y, key, eps, norm, bounds: the attacks' shared arguments
+        (:mod:`tscnc_jax.attacks`); ``x`` is ``B x H x W x C`` (NHWC), ``B x H x W`` or ``B x D``.
       n_queries: iterations (one forward pass each) per restart, after the initial query.
       p_init: initial fraction of pixels changed (0.8 in AutoAttack's standard version).
       restarts: independent runs, skipped once every example is broken.
