@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import toy_mlp
+from toy_mlp import SMALL_AA
 
 from tscnc_jax import attacks as A
 from tscnc_jax.evaluation import GradientMaskingWarning, check_adversarial, evaluate_robustness
@@ -85,18 +86,6 @@ def cnn():
     acc = float(jnp.mean(jnp.argmax(logits_fn(x_te), -1) == y_te))
     assert acc > 0.8, acc
     return logits_fn, x_te, y_te
-
-
-# A cheap AutoAttack configuration for the tests (the structure of "standard", smaller budgets).
-SMALL_AA = A.AutoAttackConfig(
-    apgd_ce_steps=10,
-    apgd_t_steps=10,
-    apgd_t_targets=2,
-    fab_t_steps=10,
-    fab_t_targets=2,
-    square_queries=100,
-    square_rescale_schedule=True,
-)
 
 
 def _robust_count(logits_fn, x_adv, y):

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import toy_mlp
+from toy_mlp import SMALL_AA
 
 from tscnc_jax import attacks as A
 from tscnc_jax.evaluation import (
@@ -16,17 +17,6 @@ from tscnc_jax.evaluation import (
     RobustnessReport,
     check_adversarial,
     evaluate_robustness,
-)
-
-# Cheap budgets with the structure of the "standard" AutoAttack version (all four members).
-SMALL_AA = A.AutoAttackConfig(
-    apgd_ce_steps=10,
-    apgd_t_steps=10,
-    apgd_t_targets=2,
-    fab_t_steps=10,
-    fab_t_targets=2,
-    square_queries=100,
-    square_rescale_schedule=True,
 )
 
 

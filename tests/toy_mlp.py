@@ -3,6 +3,7 @@
 Ten classes, each a random prototype in [0.2, 0.8] plus Gaussian noise (sigma 0.3), clipped to
 [0, 1]. :func:`train` fits the MLP with 200 Adam steps (clean accuracy about 0.95): robust
 enough at eps ~0.06 for the attacks to have work, small enough to attack in seconds.
+:data:`SMALL_AA` is the AutoAttack configuration the tests attack it with.
 """
 
 from __future__ import annotations
@@ -11,6 +12,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from tscnc_jax import attacks
+
+# A cheap AutoAttack configuration for the tests (the structure of "standard": all four members,
+# smaller budgets).
+SMALL_AA = attacks.AutoAttackConfig(
+    apgd_ce_steps=10,
+    apgd_t_steps=10,
+    apgd_t_targets=2,
+    fab_t_steps=10,
+    fab_t_targets=2,
+    square_queries=100,
+    square_rescale_schedule=True,
+)
 
 
 def data(key: jax.Array, n: int) -> tuple[np.ndarray, np.ndarray]:
