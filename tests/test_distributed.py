@@ -118,6 +118,12 @@ def runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.skipif(
+    len(os.sched_getaffinity(0)) < 2,
+    reason="XLA:CPU compiles a one-device program differently when the process may use one core "
+           "only (measured: the dense stage's weights of the one-device run differ by 2.3e-5 "
+           "between `taskset -c 1` and `taskset -c 0,1`; the two-device run's do not), so the "
+           "two processes' program is not the two-device one; run with at least 2 cores.")
 def test_two_processes_equal_two_devices_in_one_process(runs):
     a, b = _final(runs["two_processes"]), _final(runs["two_devices"])
     for name in a:
