@@ -61,24 +61,9 @@ def time_row(row: dict, repeats: int) -> dict:
         penalties = dict(cnc_weight=0.01, tsc_weight=1e-5,
                          cnc_kwargs={"estimator": estimator, "k": 8}, tsc_kwargs={"a": 1.0})
     tx = training.make_optimizer(0.05, **penalties)
-    state = training.create_train_state(model, tx, jax.random.key(0), shape)
-    attack = training.default_attack(loss, eps=eps, steps=10, step_size=eps / 4)
-    step = jax.jit(training.make_train_step(model, tx, loss=loss, attack=attack),
-                   donate_argnums=0)
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.uniform(0, 1, (row["batch"], *shape)).astype(np.float32),
-             "label": rng.integers(0, 10, row["batch"]).astype(np.int32)}
-    batch = jax.device_put(batch)
-    t0 = time.perf_counter()
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
+    step, state = common.jitted_train_step(model, tx, shape, loss, eps)
+    batch = jax.device_put(common.random_batch(np.random.default_rng(0), row["batch"], shape))
+    first, times, metrics = common.time_train_step(step, state, batch, repeats)
     median = statistics.median(times)
     return {**row, "first_call_s": first, "median_s": median,
             "images_per_s": row["batch"] / median, "finite": float(metrics["finite"])}
@@ -108,7 +93,7 @@ def markdown(done: list[dict], skipped: list[dict], repeats: int) -> str:
 
 
 def define_flags() -> None:
-    """This entry point's flags (defined when it runs as a program only)."""
+    """This entry point's flags (defined when it runs as a program only; see :mod:`benchmarks`)."""
     flags.DEFINE_bool("quick", False, "small CNN only, two rows, 2 repeats (a smoke run)")
     flags.DEFINE_string("models", "small_cnn,vgg16,resnet18", None)
     flags.DEFINE_integer("repeats", 5, None)
@@ -117,12 +102,8 @@ def define_flags() -> None:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    models = ["small_cnn"] if FLAGS.quick else FLAGS.models.split(",")
-    unknown = set(models) - set(MODELS)
-    if unknown:
-        raise app.UsageError(f"unknown model(s) {sorted(unknown)}; choose from {sorted(MODELS)}")
+    common.check_no_arguments(argv)
+    models = common.models_flag(FLAGS.models, MODELS, FLAGS.quick)
     repeats = 2 if FLAGS.quick else FLAGS.repeats
     rows = plan(models)[:2] if FLAGS.quick else plan(models)
     start, done = time.perf_counter(), []

@@ -182,8 +182,7 @@ def to_markdown(results: dict) -> str:
 
 
 def define_flags() -> None:
-    """This entry point's flags, defined when it runs as a program only: importing the module
-    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    """This entry point's flags (defined when it runs as a program only; see :mod:`benchmarks`)."""
     flags.DEFINE_bool("quick", False, "batch 32, 1 repeat, no std. worst")
     flags.DEFINE_integer("repeats", None, None)
     flags.DEFINE_integer("batch", None, None)
@@ -194,8 +193,7 @@ def define_flags() -> None:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.check_no_arguments(argv)
     repeats = FLAGS.repeats if FLAGS.repeats is not None else (1 if FLAGS.quick else 3)
     batch = FLAGS.batch if FLAGS.batch is not None else (32 if FLAGS.quick else 128)
     if repeats < 1 or batch < 1 or FLAGS.train_steps < 0 or FLAGS.eps < 0:

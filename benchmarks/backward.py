@@ -81,16 +81,14 @@ def to_markdown(r: dict) -> str:
 
 
 def define_flags() -> None:
-    """This entry point's flags, defined when it runs as a program only: importing the module
-    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    """This entry point's flags (defined when it runs as a program only; see :mod:`benchmarks`)."""
     flags.DEFINE_integer("repeats", 10, None)
     flags.DEFINE_integer("batch", 128, None)
     flags.DEFINE_string("out", None, None)
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.check_no_arguments(argv)
     r = {"machine": common.machine_info(), "batch": FLAGS.batch, "repeats": FLAGS.repeats,
          "whole": {name: whole_model(name, FLAGS.batch, max(1, FLAGS.repeats // 3)
                                      if name == "vgg" else FLAGS.repeats) for name in WHOLE},

@@ -172,8 +172,7 @@ def to_markdown(results: dict) -> str:
 
 
 def define_flags() -> None:
-    """This entry point's flags, defined when it runs as a program only: importing the module
-    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    """This entry point's flags (defined when it runs as a program only; see :mod:`benchmarks`)."""
     flags.DEFINE_bool("quick", False, "kernels up to 1152x128, small CNN only, 3 repeats")
     flags.DEFINE_integer("repeats", None, "default 10 (3 with --quick)")
     flags.DEFINE_string("ks", "1,4,16,64", "block sizes k to time")
@@ -182,8 +181,7 @@ def define_flags() -> None:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.check_no_arguments(argv)
     repeats = FLAGS.repeats if FLAGS.repeats is not None else (3 if FLAGS.quick else 10)
     if repeats < 1:
         raise app.UsageError("--repeats must be >= 1")

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from benchmarks import torch_twin
+from benchmarks import common, torch_twin
 from tscnc_jax import models
 
 # (spatial size, c_in, c_out, kernel, stride, how many in ResNet-18)
@@ -117,21 +117,16 @@ def to_markdown(r: dict) -> list[str]:
 
 
 def define_flags() -> None:
-    """This entry point's flags, defined when it runs as a program only: importing the module
-    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    """This entry point's flags (defined when it runs as a program only; see :mod:`benchmarks`)."""
     flags.DEFINE_integer("batch", 128, None)
     flags.DEFINE_integer("repeats", 7, None)
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.check_no_arguments(argv)
     if FLAGS.batch < 1 or FLAGS.repeats < 1:
         raise app.UsageError("--batch and --repeats must be >= 1")
-    try:
-        import torch
-    except ImportError as e:
-        raise SystemExit("PyTorch is a benchmark-only dependency: pip install torch==2.13.0") from e
+    torch = common.require_torch()
     lines = ["# Convolution passes: ours vs PyTorch", "",
              f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} "
              f"threads), {os.cpu_count()} cores; batch {FLAGS.batch}; median of {FLAGS.repeats} "

@@ -216,7 +216,7 @@ def to_markdown(r: dict) -> str:
 
 
 def define_flags() -> None:
-    """This entry point's flags, defined when it runs as a program only (see benchmarks.run)."""
+    """This entry point's flags (defined when it runs as a program only; see :mod:`benchmarks`)."""
     flags.DEFINE_integer("n", 200, "images evaluated")
     flags.DEFINE_float("eps", 0.1, "L-inf radius (also the training attack's)")
     flags.DEFINE_integer("repeats", 2, "timed calls per side and version")
@@ -228,8 +228,7 @@ def define_flags() -> None:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.check_no_arguments(argv)
     versions = [v.strip() for v in FLAGS.versions.split(",") if v.strip()]
     sides = [s.strip() for s in FLAGS.sides.split(",") if s.strip()]
     if set(versions) - set(attacks.AUTOATTACK_VERSIONS) or not versions:
@@ -239,12 +238,7 @@ def main(argv) -> None:
     if FLAGS.n < 1 or FLAGS.repeats < 1 or FLAGS.train_steps < 0 or FLAGS.eps < 0:
         raise app.UsageError("--n and --repeats must be >= 1, --train_steps and --eps >= 0")
     if "torchattacks" in sides:
-        try:
-            import torch  # noqa: F401
-            import torchattacks  # noqa: F401
-        except ImportError as e:
-            raise SystemExit("benchmark-only dependencies: pip install torch==2.13.0 && "
-                             "pip install --no-deps torchattacks==3.5.1") from e
+        common.require_torch(torchattacks=True)
     results = compare(FLAGS.n, FLAGS.eps, FLAGS.repeats, versions, sides, FLAGS.train_steps,
                       FLAGS.sanity_checks)
     common.report(to_markdown(results), results, FLAGS.out)

@@ -157,8 +157,7 @@ def to_markdown(r: dict) -> list[str]:
 
 
 def define_flags() -> None:
-    """This entry point's flags, defined when it runs as a program only (see
-    :func:`benchmarks.torchattacks_twin.define_flags`)."""
+    """This entry point's flags (defined when it runs as a program only; see :mod:`benchmarks`)."""
     flags.DEFINE_integer("n", 200, "images")
     flags.DEFINE_enum("norm", "linf", ["linf", "l2"], None)
     flags.DEFINE_float("eps", 0.1, "radius")
@@ -169,16 +168,10 @@ def define_flags() -> None:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.check_no_arguments(argv)
     if FLAGS.n < 1 or FLAGS.steps < 1 or not 1 <= FLAGS.targets <= 9 or FLAGS.eps < 0:
         raise app.UsageError("--n, --steps >= 1, --targets in [1, 9], --eps >= 0")
-    try:
-        import torch
-        import torchattacks
-    except ImportError as e:
-        raise SystemExit("benchmark-only dependencies: pip install torch==2.13.0 && "
-                         "pip install --no-deps torchattacks==3.5.1") from e
+    torch, torchattacks = common.require_torch(torchattacks=True)
     t0 = time.perf_counter()
     r = compare(FLAGS.n, FLAGS.eps, FLAGS.steps, FLAGS.targets, FLAGS.train_steps, FLAGS.norm)
     r["total_seconds"] = time.perf_counter() - t0

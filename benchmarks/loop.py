@@ -33,8 +33,7 @@ FLAGS = flags.FLAGS
 
 def _batches(n: int, batch: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    return [{"image": rng.uniform(0, 1, (batch, 28, 28, 1)).astype(np.float32),
-             "label": rng.integers(0, 10, batch).astype(np.int32)} for _ in range(n)]
+    return [common.random_batch(rng, batch, (28, 28, 1)) for _ in range(n)]
 
 
 def _setup(conv_impl: str, axis_name):
@@ -84,7 +83,7 @@ def make_loops(batch: int, steps: int) -> dict:
 
 
 def define_flags() -> None:
-    """This entry point's flags (defined when it runs as a program only)."""
+    """This entry point's flags (defined when it runs as a program only; see :mod:`benchmarks`)."""
     flags.DEFINE_integer("steps", 20, "Steps per timed loop.")
     flags.DEFINE_integer("repeats", 5, None)
     flags.DEFINE_integer("batch", 128, None)
@@ -92,8 +91,7 @@ def define_flags() -> None:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.check_no_arguments(argv)
     loops = make_loops(FLAGS.batch, FLAGS.steps)
     for run in loops.values():  # compile
         run()

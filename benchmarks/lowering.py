@@ -26,15 +26,13 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """This entry point's flags, defined when it runs as a program only: importing the module
-    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    """This entry point's flags (defined when it runs as a program only; see :mod:`benchmarks`)."""
     flags.DEFINE_integer("repeats", 5, None)
     flags.DEFINE_integer("batch", 128, None)
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.check_no_arguments(argv)
     repeats, batch = FLAGS.repeats, FLAGS.batch
     key = jax.random.key(0)
 

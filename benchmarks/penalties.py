@@ -110,16 +110,14 @@ def to_markdown(results: dict) -> str:
 
 
 def define_flags() -> None:
-    """This entry point's flags, defined when it runs as a program only: importing the module
-    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    """This entry point's flags (defined when it runs as a program only; see :mod:`benchmarks`)."""
     flags.DEFINE_bool("quick", False, "skip the per-layer breakdown")
     flags.DEFINE_integer("repeats", 10, None)
     flags.DEFINE_string("out", None, "write markdown here (and JSON next to it)")
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.check_no_arguments(argv)
     if FLAGS.repeats < 1:
         raise app.UsageError("--repeats must be >= 1")
     results = run(FLAGS.quick, FLAGS.repeats)

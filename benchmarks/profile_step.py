@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from benchmarks import torch_twin, train_step
+from benchmarks import common, torch_twin, train_step
 
 _HLO_OP = re.compile(r"^\s*%?([\w.\-]+) = \S+ (convolution|fusion|copy)\((.*)$", re.M)
 
@@ -52,10 +52,7 @@ def _kinds(hlo: str) -> dict[str, str]:
 
 
 def profile(model: str, loss: str, batch_size: int = 128) -> dict:
-    rng = np.random.default_rng(0)
-    shape = train_step.MODELS[model][1]
-    batch = {"image": rng.uniform(0, 1, (batch_size, *shape)).astype(np.float32),
-             "label": rng.integers(0, 10, batch_size).astype(np.int32)}
+    batch = common.random_batch(np.random.default_rng(0), batch_size, train_step.MODELS[model][1])
     step, state = torch_twin.jax_train_step(model, loss)
     compiled = step.lower(state, batch).compile()
     kinds = _kinds(compiled.as_text())
@@ -97,16 +94,14 @@ def to_markdown(r: dict, top: int = 8) -> list[str]:
 
 
 def define_flags() -> None:
-    """This entry point's flags, defined when it runs as a program only: importing the module
-    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    """This entry point's flags (defined when it runs as a program only; see :mod:`benchmarks`)."""
     flags.DEFINE_enum("model", "resnet18", sorted(train_step.MODELS), None)
     flags.DEFINE_enum("loss", "trades", ("clean", "pgd_at", "trades"), None)
     flags.DEFINE_integer("top", 4, None)
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.check_no_arguments(argv)
     print("\n".join(to_markdown(profile(FLAGS.model, FLAGS.loss), FLAGS.top)))
 
 

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
+from benchmarks import common
 from tscnc_jax import pruning
 from tscnc_jax.pruning.schedules import OneShotSchedule, PolynomialSchedule
 
@@ -207,15 +208,13 @@ def bench_wrapper(rounds: int) -> list[str]:
 
 
 def define_flags() -> None:
-    """This entry point's flags, defined when it runs as a program only: importing the module
-    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    """This entry point's flags (defined when it runs as a program only; see :mod:`benchmarks`)."""
     flags.DEFINE_integer("repeats", 5, "timed calls per mask method")
     flags.DEFINE_integer("rounds", 30, "interleaved rounds (CNN step)")
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.check_no_arguments(argv)
     print("\n".join(bench_masks(FLAGS.repeats)))
     print()
     print("\n".join(bench_wrapper(FLAGS.rounds)))

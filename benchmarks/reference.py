@@ -581,8 +581,7 @@ def to_markdown(results: dict) -> list[str]:
 
 
 def define_flags() -> None:
-    """This entry point's flags, defined when it runs as a program only (see
-    :func:`benchmarks.torchattacks_twin.define_flags`)."""
+    """This entry point's flags (defined when it runs as a program only; see :mod:`benchmarks`)."""
     flags.DEFINE_list("models", ["lenet5_dense_s2", "lenet5_hydra95_s2", "lenet5_dense_s2_q8"],
                       "lenet5_{dense,hydra95}_s<seed>[_q<levels>]")
     flags.DEFINE_string("runs_dir", "runs/dose",
@@ -635,25 +634,12 @@ def _write(results: dict, out: str | None, quiet: bool = False) -> None:
              "Requirement (ours <= reference + 0.5 points): "
              + ("met on every model and seed." if not exceeded
                 else f"**exceeded** on {', '.join(exceeded)}."), "", *to_markdown(results)]
-    text = "\n".join(lines)
-    if quiet and out is not None:
-        out = pathlib.Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
-        out.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    elif not quiet:
-        common.report(text, results, out)
+    common.report("\n".join(lines), results, out, quiet=quiet)
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
-        import torch
-        import torchattacks
-    except ImportError as e:
-        raise SystemExit("benchmark-only dependencies: pip install torch==2.13.0 && "
-                         "pip install --no-deps torchattacks==3.5.1") from e
+    common.check_no_arguments(argv)
+    torch, torchattacks = common.require_torch(torchattacks=True)
     torch.set_num_threads(1)
     ours_cfg = attacks.AUTOATTACK_VERSIONS[FLAGS.version]
     ref_cfg = REFERENCE if FLAGS.version == "standard" else dataclasses.replace(

@@ -245,8 +245,7 @@ def to_markdown(r: dict) -> str:
 
 
 def define_flags() -> None:
-    """This entry point's flags, defined when it runs as a program only: importing the module
-    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    """This entry point's flags (defined when it runs as a program only; see :mod:`benchmarks`)."""
     flags.DEFINE_bool("quick", False, "smoke sizes (about a minute)")
     flags.DEFINE_integer("repeats", None, "default 5 (1 with --quick)")
     flags.DEFINE_integer("batch", None, "default 128 (16 with --quick)")
@@ -254,8 +253,7 @@ def define_flags() -> None:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    common.check_no_arguments(argv)
     quick = FLAGS.quick
     repeats = FLAGS.repeats or (1 if quick else 5)
     batch = FLAGS.batch or (16 if quick else 128)

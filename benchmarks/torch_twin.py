@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from benchmarks import train_step
+from benchmarks import common, train_step
 from tscnc_jax import models as jax_models
 from tscnc_jax import training
 
@@ -200,14 +200,9 @@ def jax_train_step(name: str, loss: str):
     """``(step, state)``: our jitted training step matching the twin's (state donated) and its
     initial state."""
     make_model, shape = train_step.MODELS[name]
-    model = make_model()
-    eps = train_step.EPS[name]
     tx = training.make_optimizer(0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
-    state = training.create_train_state(model, tx, jax.random.key(0), shape)
-    attack = training.default_attack(loss, eps=eps, steps=STEPS, step_size=eps / 4)
-    step = jax.jit(training.make_train_step(model, tx, loss=loss, attack=attack, beta=6.0,
-                                            ema_decay=None), donate_argnums=0)
-    return step, state
+    return common.jitted_train_step(make_model(), tx, shape, loss, train_step.EPS[name],
+                                    attack_steps=STEPS, beta=6.0, ema_decay=None)
 
 
 def _jax_step(name: str, loss: str, batch: dict):
@@ -301,9 +296,7 @@ def compare(batch_size: int, repeats: int, models=("small_cnn",),
     rng = np.random.default_rng(0)
     rows: dict = {}
     for name in models:
-        shape = train_step.MODELS[name][1]
-        batch = {"image": rng.uniform(0, 1, (batch_size, *shape)).astype(np.float32),
-                 "label": rng.integers(0, 10, batch_size).astype(np.int32)}
+        batch = common.random_batch(rng, batch_size, train_step.MODELS[name][1])
         rows[name] = {}
         for loss in losses:
             t = interleaved_medians({"jax": _jax_step(name, loss, batch),
@@ -327,20 +320,15 @@ def to_markdown(rows: dict) -> list[str]:
 
 
 def define_flags() -> None:
-    """This entry point's flags, defined when it runs as a program only: importing the module
-    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    """This entry point's flags (defined when it runs as a program only; see :mod:`benchmarks`)."""
     flags.DEFINE_string("models", ",".join(MODELS), None)
     flags.DEFINE_integer("repeats", 5, None)
     flags.DEFINE_integer("batch", 128, None)
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
-        import torch
-    except ImportError as e:
-        raise SystemExit("PyTorch is a benchmark-only dependency: pip install torch==2.13.0") from e
+    common.check_no_arguments(argv)
+    torch = common.require_torch()
     names = [m for m in FLAGS.models.split(",") if m]
     unknown = sorted(set(names) - set(MODELS))
     if unknown:

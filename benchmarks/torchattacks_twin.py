@@ -29,7 +29,7 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks import attacks as attack_bench
-from benchmarks import torch_twin
+from benchmarks import common, torch_twin
 from tscnc_jax import attacks
 
 FAST = attacks.AUTOATTACK_FAST
@@ -216,22 +216,15 @@ def to_markdown(r: dict) -> list[str]:
 
 
 def define_flags() -> None:
-    """This entry point's flags, defined when it runs as a program only: importing the module
-    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    """This entry point's flags (defined when it runs as a program only; see :mod:`benchmarks`)."""
     flags.DEFINE_integer("repeats", 3, None)
     flags.DEFINE_integer("batch", 128, None)
     flags.DEFINE_float("eps", 0.1, None)
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    try:
-        import torch
-        import torchattacks
-    except ImportError as e:
-        raise SystemExit("benchmark-only dependencies: pip install torch==2.13.0 && "
-                         "pip install --no-deps torchattacks==3.5.1") from e
+    common.check_no_arguments(argv)
+    torch, torchattacks = common.require_torch(torchattacks=True)
     lines = ["# AutoAttack (fast settings): ours vs torchattacks", "",
              f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} "
              f"threads), torchattacks {torchattacks.__version__}, {os.cpu_count()} cores; batch "

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
 
 import jax
 import numpy as np
@@ -43,24 +42,9 @@ def _time_step(model_name: str, loss: str, tscnc: bool, batch: int, repeats: int
         kwargs = dict(cnc_weight=0.01, tsc_weight=1e-5,
                       cnc_kwargs={"temperature": 0.1, "delta": 1e-3}, tsc_kwargs={"a": 1.0})
     tx = training.make_optimizer(0.05, **kwargs)
-    state = training.create_train_state(model, tx, jax.random.key(0), shape)
-    eps = EPS[model_name]
-    attack = training.default_attack(loss, eps=eps, steps=10, step_size=eps / 4)
-    step = jax.jit(training.make_train_step(model, tx, loss=loss, attack=attack),
-                   donate_argnums=0)
-    rng = np.random.default_rng(0)
-    data = {"image": rng.uniform(0, 1, (batch, *shape)).astype(np.float32),
-            "label": rng.integers(0, 10, batch).astype(np.int32)}
-    t0 = time.perf_counter()
-    state, metrics = step(state, data)
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        state, metrics = step(state, data)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
+    step, state = common.jitted_train_step(model, tx, shape, loss, EPS[model_name])
+    data = common.random_batch(np.random.default_rng(0), batch, shape)
+    compile_s, times, _ = common.time_train_step(step, state, data, repeats)
     median = statistics.median(times)
     return {"model": model_name, "loss": loss, "tscnc": tscnc, "batch": batch,
             "first_call_s": compile_s, "median_s": median, "images_per_s": batch / median,
@@ -68,8 +52,7 @@ def _time_step(model_name: str, loss: str, tscnc: bool, batch: int, repeats: int
 
 
 def define_flags() -> None:
-    """This entry point's flags, defined when it runs as a program only: importing the module
-    (``benchmarks.run`` imports the others) registers none, so modules may share flag names."""
+    """This entry point's flags (defined when it runs as a program only; see :mod:`benchmarks`)."""
     flags.DEFINE_bool("quick", False, "small CNN only, 2 repeats")
     flags.DEFINE_string("models", "small_cnn,vgg16,resnet18", None)
     flags.DEFINE_integer("repeats", 5, None)
@@ -78,12 +61,8 @@ def define_flags() -> None:
 
 
 def main(argv) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    models = ["small_cnn"] if FLAGS.quick else FLAGS.models.split(",")
-    unknown = set(models) - set(MODELS)
-    if unknown:
-        raise app.UsageError(f"unknown model(s) {sorted(unknown)}; choose from {sorted(MODELS)}")
+    common.check_no_arguments(argv)
+    models = common.models_flag(FLAGS.models, MODELS, FLAGS.quick)
     repeats = 2 if FLAGS.quick else FLAGS.repeats
     if repeats < 1:
         raise app.UsageError("--repeats must be >= 1")
