@@ -317,9 +317,18 @@ def test_evaluate_masked_model_warns(cnn):
             },
         )
     text = " ".join(report.warnings)
-    assert "black-box 'square'" in text
+    assert "black-box 'square'" in text and "square_restarts=2" in text
     assert "did not increase" in text
     assert report.robust_accuracy["square"] < report.robust_accuracy["pgd"]
+    # What the warning suggests: a second Square run on the survivors (its first run is the one
+    # above, the same keys) can only break more.
+    again = evaluate_robustness(
+        no_grad_fn, [(x, y)], eps=0.05, sanity_checks=False,
+        attacks={"pgd": functools.partial(A.pgd, steps=10),
+                 "square": functools.partial(A.square, n_queries=200, restarts=2)})
+    robust_once = report.clean_correct & (report.broken_by < 0)
+    robust_twice = again.clean_correct & (again.broken_by < 0)
+    assert robust_twice.sum() > 0 and not np.any(robust_twice & ~robust_once)
 
 
 # ------------------------------------------------------------------------------------------------
