@@ -26,17 +26,9 @@ from tscnc_jax.attacks._common import (
 # ----------------------------------------------------------------------------------------------
 
 
-def local_lipschitz(
-    logits_fn: LogitsFn,
-    x: jax.Array,
-    *,
-    key: jax.Array,
-    eps: Any,
-    norm: str = "linf",
-    bounds: tuple[float, float] = (0.0, 1.0),
-    steps: int = 20,
-    step_size: Any = None,
-) -> jax.Array:
+def local_lipschitz(logits_fn: LogitsFn, x: jax.Array, *, key: jax.Array, eps: Any,
+                    norm: str = "linf", bounds: tuple[float, float] = (0.0, 1.0), steps: int = 20,
+                    step_size: Any = None) -> jax.Array:
     """Per-example empirical local Lipschitz constant of ``logits_fn`` around ``x``.
 
     ``L_b = max ||f(x'_b) - f(x_b)||_2 / ||x'_b - x_b||_2`` over the iterates of a projected

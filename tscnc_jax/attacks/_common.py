@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tscnc_jax._validation import check_choice, is_tracer
+from tscnc_jax._validation import check_choice, check_int, is_tracer
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 # A randomised model (a randomised defence, dropout at test time, input noise) with its randomness
@@ -278,6 +278,20 @@ def loss_value(loss: str, logits, y, target=None, clean_logits=None) -> jax.Arra
     if loss == "kl":
         return kl_loss(logits, clean_logits)
     raise ValueError(f"unknown loss {loss!r}")
+
+
+def target_class_count(n_target_classes: int | None, n_classes: int) -> int:
+    """The target classes of a targeted attack: ``n_target_classes``, or AutoAttack's
+    ``min(9, n_classes - 1)`` when ``None``; at most ``n_classes - 1``."""
+    if n_target_classes is None:
+        n_target_classes = min(9, n_classes - 1)
+    n_target_classes = check_int("n_target_classes", n_target_classes)
+    if n_target_classes > n_classes - 1:
+        raise ValueError(
+            f"`n_target_classes` must be <= n_classes - 1 = {n_classes - 1}; "
+            f"got {n_target_classes}."
+        )
+    return n_target_classes
 
 
 def check_loss_classes(loss: str, n_classes: int) -> None:

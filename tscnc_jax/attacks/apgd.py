@@ -27,6 +27,7 @@ from tscnc_jax.attacks._common import (
     make_eot_value_and_grad,
     project,
     run_restarts,
+    target_class_count,
     update_best,
 )
 
@@ -161,24 +162,11 @@ def _apgd_run(vg, x, y, x0, eps, norm, bounds, steps, rho, target, k_model=None)
     return state.out
 
 
-def apgd(
-    logits_fn: LogitsFn,
-    x: jax.Array,
-    y: jax.Array,
-    *,
-    key: jax.Array,
-    eps: Any,
-    norm: str = "linf",
-    bounds: tuple[float, float] = (0.0, 1.0),
-    steps: int = 100,
-    restarts: int = 1,
-    loss: str = "ce",
-    n_target_classes: int | None = None,
-    rho: float = 0.75,
-    x_init: jax.Array | None = None,
-    eot_iter: int = 1,
-    stochastic: bool = False,
-) -> jax.Array:
+def apgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, key: jax.Array, eps: Any,
+         norm: str = "linf", bounds: tuple[float, float] = (0.0, 1.0), steps: int = 100,
+         restarts: int = 1, loss: str = "ce", n_target_classes: int | None = None,
+         rho: float = 0.75, x_init: jax.Array | None = None, eot_iter: int = 1,
+         stochastic: bool = False) -> jax.Array:
     """Auto-PGD (Croce and Hein 2020, arXiv 2003.01690), untargeted or targeted (APGD-T).
 
     Each run starts on the sphere of the ball, takes a first step of length ``eta = 2 eps`` and then
@@ -240,14 +228,7 @@ def apgd(
 
     n_runs = restarts
     if loss == "dlr-targeted":
-        if n_target_classes is None:
-            n_target_classes = min(9, n_classes - 1)
-        n_target_classes = check_int("n_target_classes", n_target_classes)
-        if n_target_classes > n_classes - 1:
-            raise ValueError(
-                f"`n_target_classes` must be <= n_classes - 1 = {n_classes - 1}; "
-                f"got {n_target_classes}."
-            )
+        n_target_classes = target_class_count(n_target_classes, n_classes)
         n_runs = n_target_classes * restarts
     # The model's draws: keys apart from the runs' fold_in(key, r), r < n_runs.
     k_clean, k_model = (

@@ -234,19 +234,11 @@ class AutoAttackResult(NamedTuple):
     broken_by: jax.Array
 
 
-def auto_attack(
-    logits_fn: LogitsFn | StochasticLogitsFn,
-    x: jax.Array,
-    y: jax.Array,
-    *,
-    key: jax.Array,
-    eps: Any,
-    norm: str = "linf",
-    bounds: tuple[float, float] = (0.0, 1.0),
-    version: str | AutoAttackConfig = "standard",
-    stochastic: bool = False,
-    n_draws: int = 5,
-) -> AutoAttackResult:
+def auto_attack(logits_fn: LogitsFn | StochasticLogitsFn, x: jax.Array, y: jax.Array, *,
+                key: jax.Array, eps: Any, norm: str = "linf",
+                bounds: tuple[float, float] = (0.0, 1.0),
+                version: str | AutoAttackConfig = "standard", stochastic: bool = False,
+                n_draws: int = 5) -> AutoAttackResult:
     """AutoAttack-style worst case over APGD-CE, APGD-T, FAB-T and Square (Croce and Hein 2020).
 
     The attacks run in that order; an example counts as broken by the first attack whose output is

@@ -27,6 +27,7 @@ from tscnc_jax.attacks._common import (
     perturbation_norm,
     project,
     run_restarts,
+    target_class_count,
 )
 
 # Floor of the step norms in the bias ``alpha`` (as in the authors' code): keeps ``a / (a + b)``
@@ -240,14 +241,7 @@ def _targets(logits_fn, x, y, targeted, n_target_classes, n_classes):
     """``(targets_BxT or None, T)``: the 2nd, 3rd, ... highest clean logits (AutoAttack)."""
     if not targeted:
         return None, 1
-    if n_target_classes is None:
-        n_target_classes = min(9, n_classes - 1)
-    n_target_classes = check_int("n_target_classes", n_target_classes)
-    if n_target_classes > n_classes - 1:
-        raise ValueError(
-            f"`n_target_classes` must be <= n_classes - 1 = {n_classes - 1}; "
-            f"got {n_target_classes}."
-        )
+    n_target_classes = target_class_count(n_target_classes, n_classes)
     clean_logits = jax.lax.stop_gradient(logits_fn(x))
     targets = jax.lax.top_k(clean_logits, n_target_classes + 1)[1][:, 1:].astype(y.dtype)
     return targets, n_target_classes
@@ -260,23 +254,10 @@ def _run_start(key, r, restarts, x, radius, norm, bounds):
     return jnp.where(r % restarts == 0, x, apgd_start(key, x, radius, norm, bounds))
 
 
-def fab(
-    logits_fn: LogitsFn,
-    x: jax.Array,
-    y: jax.Array,
-    *,
-    key: jax.Array,
-    eps: Any,
-    norm: str = "linf",
-    bounds: tuple[float, float] = (0.0, 1.0),
-    steps: int = 100,
-    restarts: int = 1,
-    n_target_classes: int | None = None,
-    targeted: bool = True,
-    alpha_max: float = 0.1,
-    eta: float = 1.05,
-    beta: float = 0.9,
-) -> jax.Array:
+def fab(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, key: jax.Array, eps: Any,
+        norm: str = "linf", bounds: tuple[float, float] = (0.0, 1.0), steps: int = 100,
+        restarts: int = 1, n_target_classes: int | None = None, targeted: bool = True,
+        alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9) -> jax.Array:
     """FAB, the fast adaptive boundary attack (Croce and Hein 2020, arXiv 1907.02044), in the
     threat model ``||x_adv - x|| <= eps``; FAB-T (``targeted=True``) as in AutoAttack.
 
@@ -349,23 +330,11 @@ def _clean_best(logits_fn, x, y) -> Best:
     return Best(x, adv, jnp.where(adv, 0.0, -jnp.inf).astype(jnp.float32))
 
 
-def fab_min_norm(
-    logits_fn: LogitsFn,
-    x: jax.Array,
-    y: jax.Array,
-    *,
-    key: jax.Array,
-    norm: str = "linf",
-    bounds: tuple[float, float] = (0.0, 1.0),
-    steps: int = 100,
-    restarts: int = 1,
-    n_target_classes: int | None = None,
-    targeted: bool = True,
-    alpha_max: float = 0.1,
-    eta: float = 1.05,
-    beta: float = 0.9,
-    start_radius: Any = None,
-) -> tuple[jax.Array, jax.Array]:
+def fab_min_norm(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, key: jax.Array,
+                 norm: str = "linf", bounds: tuple[float, float] = (0.0, 1.0), steps: int = 100,
+                 restarts: int = 1, n_target_classes: int | None = None, targeted: bool = True,
+                 alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
+                 start_radius: Any = None) -> tuple[jax.Array, jax.Array]:
     """FAB as a minimum-norm attack: the smallest misclassified point it finds, and its norm.
 
     The iteration of :func:`fab` with no radius: every run uses its full budget and no run is

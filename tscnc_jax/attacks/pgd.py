@@ -34,17 +34,9 @@ from tscnc_jax.attacks._common import (
 # ----------------------------------------------------------------------------------------------
 
 
-def fgsm(
-    logits_fn: LogitsFn,
-    x: jax.Array,
-    y: jax.Array,
-    *,
-    key: jax.Array | None = None,
-    eps: Any,
-    norm: str = "linf",
-    bounds: tuple[float, float] = (0.0, 1.0),
-    loss: str = "ce",
-) -> jax.Array:
+def fgsm(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, key: jax.Array | None = None, eps: Any,
+         norm: str = "linf", bounds: tuple[float, float] = (0.0, 1.0),
+         loss: str = "ce") -> jax.Array:
     """Fast gradient (sign) method (Goodfellow et al. 2015): one step of length ``eps``.
 
     ``x_adv = clip(x + eps * sign(grad_x L(x, y)))`` for L-inf, ``x + eps * g / ||g||_2`` for L2.
@@ -106,22 +98,10 @@ def _pgd_setup(logits_fn, x, y, eps, norm, bounds, steps, restarts, step_size, l
     return norm, (lo, hi), steps, restarts, step_size, init, vg, fwd
 
 
-def pgd(
-    logits_fn: LogitsFn,
-    x: jax.Array,
-    y: jax.Array,
-    *,
-    key: jax.Array,
-    eps: Any,
-    norm: str = "linf",
-    bounds: tuple[float, float] = (0.0, 1.0),
-    steps: int = 10,
-    restarts: int = 1,
-    step_size: Any = None,
-    loss: str = "ce",
-    init: str = "uniform",
-    x_init: jax.Array | None = None,
-) -> jax.Array:
+def pgd(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, key: jax.Array, eps: Any,
+        norm: str = "linf", bounds: tuple[float, float] = (0.0, 1.0), steps: int = 10,
+        restarts: int = 1, step_size: Any = None, loss: str = "ce", init: str = "uniform",
+        x_init: jax.Array | None = None) -> jax.Array:
     """Projected gradient ascent (Madry et al. 2018) with random restarts.
 
     ``x_{t+1} = P(x_t + step_size * d(grad L(x_t)))`` with ``d = sign`` (L-inf) or the unit-L2
@@ -156,21 +136,10 @@ def pgd(
     return run_restarts(restarts, key, empty_best(x), run).x
 
 
-def pgd_loss_curve(
-    logits_fn: LogitsFn,
-    x: jax.Array,
-    y: jax.Array,
-    *,
-    key: jax.Array,
-    eps: Any,
-    norm: str = "linf",
-    bounds: tuple[float, float] = (0.0, 1.0),
-    steps: int = 10,
-    step_size: Any = None,
-    loss: str = "ce",
-    init: str = "uniform",
-    x_init: jax.Array | None = None,
-) -> tuple[jax.Array, jax.Array]:
+def pgd_loss_curve(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, key: jax.Array, eps: Any,
+                   norm: str = "linf", bounds: tuple[float, float] = (0.0, 1.0), steps: int = 10,
+                   step_size: Any = None, loss: str = "ce", init: str = "uniform",
+                   x_init: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """One PGD run (as :func:`pgd`, one restart) that also returns the loss of every iterate.
 
     Returns:

@@ -353,16 +353,8 @@ def _check_keys(keys, x) -> None:
         )
 
 
-def square_init(
-    logits_fn: LogitsFn,
-    x: jax.Array,
-    y: jax.Array,
-    *,
-    keys: jax.Array,
-    eps: Any,
-    norm: str = "linf",
-    bounds: tuple[float, float] = (0.0, 1.0),
-) -> SquareState:
+def square_init(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, keys: jax.Array, eps: Any,
+                norm: str = "linf", bounds: tuple[float, float] = (0.0, 1.0)) -> SquareState:
     """The starting point of a Square run, per example (one query).
 
     L-inf: vertical stripes ``x + eps * s`` with a random sign per column and channel. L2: the
@@ -386,21 +378,11 @@ def square_init(
     return _start(logits_fn, x, y, keys, eps, norm, bounds)
 
 
-def square_steps(
-    logits_fn: LogitsFn,
-    x: jax.Array,
-    y: jax.Array,
-    state: SquareState,
-    *,
-    keys: jax.Array,
-    eps: Any,
-    norm: str = "linf",
-    bounds: tuple[float, float] = (0.0, 1.0),
-    n_queries: int = 5000,
-    p_init: float = 0.8,
-    rescale_schedule: bool = True,
-    stop_at_active: Any = 0,
-) -> SquareState:
+def square_steps(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, state: SquareState, *,
+                 keys: jax.Array, eps: Any, norm: str = "linf",
+                 bounds: tuple[float, float] = (0.0, 1.0), n_queries: int = 5000,
+                 p_init: float = 0.8, rescale_schedule: bool = True,
+                 stop_at_active: Any = 0) -> SquareState:
     """Advances a Square run (see :func:`square`) until every example is done, or until at most
     ``stop_at_active`` examples are still active.
 
@@ -434,20 +416,9 @@ def square_steps(
 # ----------------------------------------------------------------------------------------------
 
 
-def square(
-    logits_fn: LogitsFn,
-    x: jax.Array,
-    y: jax.Array,
-    *,
-    key: jax.Array,
-    eps: Any,
-    norm: str = "linf",
-    bounds: tuple[float, float] = (0.0, 1.0),
-    n_queries: int = 5000,
-    p_init: float = 0.8,
-    restarts: int = 1,
-    rescale_schedule: bool = True,
-) -> jax.Array:
+def square(logits_fn: LogitsFn, x: jax.Array, y: jax.Array, *, key: jax.Array, eps: Any,
+           norm: str = "linf", bounds: tuple[float, float] = (0.0, 1.0), n_queries: int = 5000,
+           p_init: float = 0.8, restarts: int = 1, rescale_schedule: bool = True) -> jax.Array:
     """Square attack (Andriushchenko et al. 2020, arXiv 1912.00049), score-based, L-inf or L2.
 
     Uses only forward passes of ``logits_fn`` (no gradients) and minimises the margin ``z_y -
