@@ -518,21 +518,20 @@ def _stage_dirs(config, workdir: pathlib.Path) -> dict[str, pathlib.Path]:
     stages = split_stages(config.stages)
     source = pathlib.Path(config.init_dir) if config.init_dir else workdir
     needed = STAGES[:max(STAGES.index(s) for s in stages) + 1]
-    return {s: workdir if s in stages else _run_with_stage(source, s) for s in needed}
+    return {s: workdir if s in stages else _run_with_stage(source, s) or source for s in needed}
 
 
-def _run_with_stage(run: pathlib.Path, stage: str, depth: int = 8) -> pathlib.Path:
-    """``run`` if it holds ``stage``'s final checkpoint, else the run its recorded config's
-    ``init_dir`` leads to (at most ``depth`` links); ``run`` when neither holds it (the caller
-    names the missing checkpoint)."""
+def _run_with_stage(run: pathlib.Path, stage: str, depth: int = 8) -> pathlib.Path | None:
+    """The run holding ``stage``'s final checkpoint: ``run``, or one that the chain of recorded
+    ``init_dir``s from it leads to (at most ``depth`` links); ``None`` if none does (the caller
+    names ``run``'s missing checkpoint)."""
+    if _stage_final(run, stage).exists():
+        return run
     recorded = run / workdir_lib.CONFIG_FILE
-    if _stage_final(run, stage).exists() or depth == 0 or not recorded.exists():
-        return run
+    if depth == 0 or not recorded.exists():
+        return None
     init_dir = json.loads(recorded.read_text()).get("init_dir")
-    if not init_dir:
-        return run
-    found = _run_with_stage(pathlib.Path(init_dir), stage, depth - 1)
-    return found if _stage_final(found, stage).exists() else run
+    return _run_with_stage(pathlib.Path(init_dir), stage, depth - 1) if init_dir else None
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Trained:

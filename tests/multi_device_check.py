@@ -152,7 +152,7 @@ def _robustness_reports() -> dict:
                                         fab_t_steps=10, fab_t_targets=3, square_queries=300)
     attacks = [("probe", probe), *tj.attacks.autoattack_members(budget, n_classes=10)]
     out = {}
-    for name, mesh in (("one", None), ("all", parallel.make_mesh(jax.local_devices()))):
+    for name, mesh in (("one", None), ("all", parallel.local_mesh())):
         seen.clear()
         rep = tj.evaluate_robustness(logits_fn, [(x, y)], eps=0.08, attacks=attacks,
                                      key=jax.random.key(3), batch_size=16, mesh=mesh,

@@ -69,7 +69,7 @@ def _placement(mesh: jax.sharding.Mesh | None) -> _Placement:
         raise ValueError(
             f"mesh has {len(foreign)} device(s) of other processes (e.g. {foreign[0]}); the "
             "evaluation runs on this process's data, over its own devices: pass "
-            "tscnc_jax.parallel.make_mesh(jax.local_devices()).")
+            "tscnc_jax.parallel.local_mesh().")
     spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
     return _Placement(jax.sharding.NamedSharding(mesh, spec), int(mesh.devices.size))
 

@@ -95,10 +95,10 @@ def evaluate_robustness(
         with ``stochastic=True``, e.g. ``attacks="rand"``).
       n_draws: for a stochastic model, the draws of its randomness behind each correctness
         decision (ignored for a deterministic model).
-      mesh: data parallelism over this process's devices, e.g.
-        ``tscnc_jax.parallel.make_mesh(jax.local_devices())``: every chunk the attacks, the
-        clean pass and the final verification run on is split along its batch axis over the
-        mesh's devices (``batch_size`` and the buckets rounded up to multiples of their number),
+      mesh: data parallelism over this process's devices, e.g. ``tscnc_jax.parallel.local_mesh()``:
+        every chunk the attacks, the clean pass and the final verification run on is split along
+        its batch axis over the mesh's devices (``batch_size`` and the buckets rounded up to
+        multiples of their number),
         and ``logits_fn``'s arrays are replicated on them (a ``functools.partial``'s array
         arguments are placed by the driver; arrays a closure captures must already live on the
         mesh's devices, or be uncommitted). Each example's computation is the same as on one
